@@ -1,0 +1,311 @@
+"""Diffusion with Forward Models (Tewari et al., NeurIPS 2023), generic over forward models.
+
+The signal S (a scene, a motion field, a latent) is never observed. We only see
+observations O = forward(S, params). DFM runs an ordinary diffusion process in the space
+of *target observations*, but its denoiser predicts the *signal*, and the forward model
+turns that prediction into the denoised observation:
+
+    x_t   = sqrt(abar_t) * O_trgt + sqrt(1 - abar_t) * eps              (noise the target)
+    S_hat = denoiser(O_ctxt, params_ctxt, x_t, params_trgt, t)           (predict the signal)
+    O_hat = forward(S_hat, params_trgt)                                  (the x0 estimate)
+    loss  = |O_hat - O_trgt|^2  (+ the same on a novel view of S_hat)
+
+Every denoised observation is therefore the rendering of one signal, and the last S_hat of
+a sampling run is a sample of p(S | O_ctxt).
+
+This file holds the noise schedule, the DFM module (loss and the DDPM/DDIM samplers), the
+two comparison models (deterministic and oracle) and the distances used to score sample
+sets against an exact posterior.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# Noise schedule
+
+
+def schedule(timesteps=1000, kind="cosine"):
+    """Named tensors of the forward (noising) process, indexed by t in [0, T).
+
+    abar[t] = prod_{i <= t} (1 - betas[i]) is the fraction of signal variance left at step t.
+    """
+    if kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17, with s = 0.008 as in the authors' code
+        s = 0.008
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    elif kind == "linear":  # Ho et al. 2020
+        betas = torch.linspace(1e-4 * 1000 / timesteps, 0.02 * 1000 / timesteps, timesteps, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown schedule {kind!r}: expected 'cosine' or 'linear'")
+    abar = torch.cumprod(1 - betas, dim=0)
+    return {"betas": betas.float(), "abar": abar.float()}
+
+
+def _abar_at(abar, t):
+    """abar[t], with abar[-1] = 1 (no noise at all) for the end of sampling."""
+    return abar[t] if t >= 0 else abar.new_tensor(1.0)
+
+
+# -----------------------------------------------------------------------------
+# Small helpers for observation parameters, which are a tensor or a dict of tensors
+
+
+def _map_params(fn, params):
+    return {k: fn(v) for k, v in params.items()} if isinstance(params, dict) else fn(params)
+
+
+def _first_tensor(params):
+    return next(iter(params.values())) if isinstance(params, dict) else params
+
+
+def _cat_params(a, b):
+    """Concatenate two params along dim 1 (the context axis)."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]], dim=1) for k in a}
+    return torch.cat([a, b], dim=1)
+
+
+def _make_generator(generator, device):
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int):
+        return torch.Generator(device=device).manual_seed(generator)
+    raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+
+
+def _check_context(ctxt_obs, ctxt_params, trgt_params):
+    """Contexts carry an explicit Nc axis: obs (B, Nc, *obs_shape), params (B, Nc, *param_shape)."""
+    cp, tp = _first_tensor(ctxt_params), _first_tensor(trgt_params)
+    if cp.dim() != tp.dim() + 1:
+        raise ValueError(
+            f"ctxt_params has shape {tuple(cp.shape)} but trgt_params has shape {tuple(tp.shape)}: "
+            "contexts must have an Nc axis, ctxt_params (B, Nc, *param_shape) and trgt_params (B, *param_shape); "
+            "for a single context use ctxt_params.unsqueeze(1) and ctxt_obs.unsqueeze(1)")
+    if ctxt_obs.dim() < 2 or ctxt_obs.shape[:2] != cp.shape[:2]:
+        raise ValueError(
+            f"ctxt_obs has shape {tuple(ctxt_obs.shape)} but ctxt_params has shape {tuple(cp.shape)}: "
+            "expected ctxt_obs (B, Nc, *obs_shape) with the same (B, Nc) as ctxt_params")
+    if tp.shape[0] != cp.shape[0]:
+        raise ValueError(f"batch sizes differ: contexts have B={cp.shape[0]}, targets B={tp.shape[0]}")
+
+
+# -----------------------------------------------------------------------------
+# The method
+
+
+class DFM(nn.Module):
+    """A conditional diffusion model over observations whose denoiser predicts the signal.
+
+    denoiser(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t) -> signal   (an nn.Module)
+    forward(signal, params) -> obs                                           (any differentiable callable)
+    ctxt_drop_prob: probability of zeroing the context during training, which teaches the
+        unconditional model used by classifier-free guidance (0.1 in the authors' code).
+    """
+
+    def __init__(self, denoiser, forward, timesteps=1000, schedule_kind="cosine", ctxt_drop_prob=0.0):
+        super().__init__()
+        self.denoiser = denoiser
+        self.forward_model = forward
+        self.timesteps = timesteps
+        self.ctxt_drop_prob = ctxt_drop_prob
+        for name, value in schedule(timesteps, schedule_kind).items():
+            self.register_buffer(name, value, persistent=False)
+
+    def denoise(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
+        """Predict the signal and render it at the target: returns (signal, obs), obs = forward(signal, trgt_params)."""
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"t must be an integer tensor of shape (B,) with values in [0, {self.timesteps}), "
+                            f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.shape != (noisy_trgt.shape[0],):
+            raise ValueError(f"t must have shape (B,) = ({noisy_trgt.shape[0]},), got {tuple(t.shape)}")
+        signal = self.denoiser(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
+        obs = self.forward_model(signal, trgt_params)
+        if obs.shape != noisy_trgt.shape:
+            raise ValueError(f"forward(signal, trgt_params) returned shape {tuple(obs.shape)}, "
+                             f"but the target observation has shape {tuple(noisy_trgt.shape)}: they must match")
+        return signal, obs
+
+    def loss(self, ctxt_obs, ctxt_params, trgt_obs, trgt_params, novel_obs=None, novel_params=None):
+        """The DFM objective: L2 between the rendered signal estimate and the clean target (and novel view)."""
+        _check_context(ctxt_obs, ctxt_params, trgt_params)
+        B = trgt_obs.shape[0]
+        t = torch.randint(0, self.timesteps, (B,), device=trgt_obs.device)  # t ~ Uniform{0..T-1}
+        eps = torch.randn_like(trgt_obs)  # eps ~ N(0, I)
+        abar = self.abar[t].view(B, *[1] * (trgt_obs.dim() - 1))
+        noisy_trgt = abar.sqrt() * trgt_obs + (1 - abar).sqrt() * eps  # x_t ~ q(x_t | x_0)
+        if self.ctxt_drop_prob > 0:  # classifier-free guidance: sometimes hide the context
+            keep = torch.rand(B, device=ctxt_obs.device) >= self.ctxt_drop_prob
+            ctxt_obs = ctxt_obs * keep.view(B, *[1] * (ctxt_obs.dim() - 1))
+        signal, obs = self.denoise(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
+        loss = F.mse_loss(obs, trgt_obs)
+        if novel_obs is not None:  # the same signal must also explain a view it was not given
+            loss = loss + F.mse_loss(self.forward_model(signal, novel_params), novel_obs)
+        return loss
+
+    def forward(self, *args, **kwargs):
+        """Calling the module computes the loss, so that DistributedDataParallel syncs its gradients."""
+        return self.loss(*args, **kwargs)
+
+    def _predict(self, ctxt_obs, ctxt_params, x, trgt_params, t, guidance):
+        """One denoiser call at integer step t: (signal, x0 estimate), guided on the x0 estimate if asked."""
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        signal, obs = self.denoise(ctxt_obs, ctxt_params, x, trgt_params, t_batch)
+        if guidance != 1.0:  # x0 = x0_uncond + w * (x0_cond - x0_uncond)
+            _, obs_uncond = self.denoise(torch.zeros_like(ctxt_obs), ctxt_params, x, trgt_params, t_batch)
+            obs = obs_uncond + guidance * (obs - obs_uncond)
+        return signal, obs
+
+    @torch.no_grad()
+    def sample(self, ctxt_obs, ctxt_params, trgt_params, steps=50, sampler="ddim", eta=0.0,
+               temperature=1.0, guidance=1.0, generator=None, obs_shape=None):
+        """Sample a signal given the context; returns (signal, obs) with obs = forward(signal, trgt_params).
+
+        sampler: "ddim" (eta = 0 is deterministic given x_T) or "ddpm" (ancestral), each over
+            `steps` evenly spaced timesteps.
+        temperature: scales the initial noise x_T (0.85 in the authors' code).
+        guidance: classifier-free guidance scale on the x0 estimate (1 = off; the model must
+            have been trained with ctxt_drop_prob > 0).
+        generator: an int seed or a torch.Generator, for reproducible samples.
+        obs_shape: shape of one target observation; defaults to that of the context observations.
+        """
+        _check_context(ctxt_obs, ctxt_params, trgt_params)
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"unknown sampler {sampler!r}: expected 'ddim' or 'ddpm'")
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"steps must be in [1, {self.timesteps}], got {steps}")
+        generator = _make_generator(generator, ctxt_obs.device)
+        shape = (ctxt_obs.shape[0], *(obs_shape or ctxt_obs.shape[2:]))
+        x = temperature * torch.randn(shape, generator=generator, device=ctxt_obs.device)  # x_T ~ N(0, I)
+        ts = torch.linspace(self.timesteps - 1, 0, steps).round().long().tolist()
+        step = ddim_step if sampler == "ddim" else ddpm_step
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
+            signal, x0 = self._predict(ctxt_obs, ctxt_params, x, trgt_params, t, guidance)
+            x = step(x, x0, _abar_at(self.abar, t), _abar_at(self.abar, t_prev), eta, generator)
+        return signal, self.forward_model(signal, trgt_params)
+
+    @torch.no_grad()
+    def sample_autoregressive(self, ctxt_obs, ctxt_params, trgt_params_seq, **sample_kwargs):
+        """Sample targets one after another, appending each sampled observation to the context.
+
+        trgt_params_seq: a list of K target params, each (B, *param_shape).
+        Returns the signal of the last step (conditioned on the context and all K sampled
+        observations) and the K sampled observations, (B, K, *obs_shape).
+        """
+        sampled = []
+        for trgt_params in trgt_params_seq:
+            signal, obs = self.sample(ctxt_obs, ctxt_params, trgt_params, **sample_kwargs)
+            sampled.append(obs)
+            ctxt_obs = torch.cat([ctxt_obs, obs.unsqueeze(1)], dim=1)  # (B, Nc + 1, *obs_shape)
+            ctxt_params = _cat_params(ctxt_params, _map_params(lambda p: p.unsqueeze(1), trgt_params))
+        return signal, torch.stack(sampled, dim=1)
+
+
+def ddim_step(x, x0, abar, abar_prev, eta, generator):
+    """DDIM update x_t -> x_{t_prev} towards the x0 estimate (Song et al. 2021, eq. 12)."""
+    eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()  # the noise implied by x0
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+    noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else 0.0
+    return abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+
+
+def ddpm_step(x, x0, abar, abar_prev, eta, generator):
+    """Ancestral step: draw x_{t_prev} ~ q(x_{t_prev} | x_t, x0) (Ho et al. 2020, eqs. 6-7). eta is unused."""
+    alpha = abar / abar_prev  # 1 - beta over the (possibly respaced) step
+    mean = (abar_prev.sqrt() * (1 - alpha) * x0 + alpha.sqrt() * (1 - abar_prev) * x) / (1 - abar)
+    var = (1 - abar_prev) / (1 - abar) * (1 - alpha)
+    return mean + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
+
+
+# -----------------------------------------------------------------------------
+# The two comparison models
+
+
+class Deterministic(DFM):
+    """The same denoiser and forward model without diffusion (pixelNeRF-style regression).
+
+    The denoiser gets an all-zero 'noisy target' at t = T-1, so it must predict the target
+    from the context alone; with an L2 loss it learns the conditional mean, which is blurry
+    wherever the context leaves the signal uncertain.
+    """
+
+    def _regress(self, ctxt_obs, ctxt_params, trgt_params, obs_shape):
+        blank = torch.zeros(ctxt_obs.shape[0], *obs_shape, device=ctxt_obs.device)
+        t = torch.full((ctxt_obs.shape[0],), self.timesteps - 1, device=ctxt_obs.device, dtype=torch.long)
+        return self.denoise(ctxt_obs, ctxt_params, blank, trgt_params, t)
+
+    def loss(self, ctxt_obs, ctxt_params, trgt_obs, trgt_params, novel_obs=None, novel_params=None):
+        _check_context(ctxt_obs, ctxt_params, trgt_params)
+        signal, obs = self._regress(ctxt_obs, ctxt_params, trgt_params, trgt_obs.shape[1:])
+        loss = F.mse_loss(obs, trgt_obs)
+        if novel_obs is not None:
+            loss = loss + F.mse_loss(self.forward_model(signal, novel_params), novel_obs)
+        return loss
+
+    @torch.no_grad()
+    def sample(self, ctxt_obs, ctxt_params, trgt_params, obs_shape=None, **ignored):
+        """The one prediction the model can make; sampler options are accepted and ignored."""
+        _check_context(ctxt_obs, ctxt_params, trgt_params)
+        return self._regress(ctxt_obs, ctxt_params, trgt_params, obs_shape or ctxt_obs.shape[2:])
+
+
+def identity(signal, params):
+    """The oracle's forward model: it observes the signal itself."""
+    return signal
+
+
+def make_model(kind, denoiser, forward, timesteps=1000, **dfm_kwargs):
+    """kind: "dfm" (the method), "deterministic" (no diffusion) or "oracle" (diffusion on the signal).
+
+    The oracle is plain conditional diffusion trained with the ground-truth signal as its
+    target, which only a toy problem can provide: DFM with the identity as forward model.
+    """
+    if kind == "dfm":
+        return DFM(denoiser, forward, timesteps, **dfm_kwargs)
+    if kind == "deterministic":
+        return Deterministic(denoiser, forward, timesteps)
+    if kind == "oracle":
+        return DFM(denoiser, identity, timesteps, **dfm_kwargs)
+    raise ValueError(f"unknown model kind {kind!r}: expected 'dfm', 'deterministic' or 'oracle'")
+
+
+def repeat_batch(x, n):
+    """(B, ...) -> (B * n, ...), each item repeated n times in a row; works on dicts of tensors."""
+    return _map_params(lambda v: v.repeat_interleave(n, dim=0), x)
+
+
+def sample_signals(model, kind, ctxt_obs, ctxt_params, trgt_params, n_samples, signal_shape,
+                   generator=None, steps=50, **sample_kwargs):
+    """n_samples signals for each of B contexts: (B, n_samples, *signal_shape).
+
+    The oracle samples the signal directly (its 'observation' is the signal); DFM and the
+    deterministic model sample the target view and return the signal behind it.
+    """
+    B = ctxt_obs.shape[0]
+    ctxt_obs, ctxt_params, trgt_params = (repeat_batch(x, n_samples) for x in (ctxt_obs, ctxt_params, trgt_params))
+    obs_shape = tuple(signal_shape) if kind == "oracle" else None
+    signal, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=steps, generator=generator,
+                             obs_shape=obs_shape, **sample_kwargs)
+    return signal.view(B, n_samples, *signal_shape)
+
+
+# -----------------------------------------------------------------------------
+# Distances between sample sets, for scoring against an exact posterior
+
+
+def energy_distance(x, y):
+    """Energy distance between sample sets, one per batch item: x (B, n, D), y (B, m, D) -> (B,).
+
+    E = 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely & Rizzo), with all pairs averaged
+    (V-statistics), so two finite sets from the same distribution give a small positive
+    number: report it as the floor. It is zero only for identical distributions.
+    """
+    x, y = x.flatten(2).double(), y.flatten(2).double()
+    xy = torch.cdist(x, y).mean(dim=(1, 2))
+    xx = torch.cdist(x, x).mean(dim=(1, 2))
+    yy = torch.cdist(y, y).mean(dim=(1, 2))
+    return (2 * xy - xx - yy).float()

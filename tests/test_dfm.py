@@ -1,0 +1,231 @@
+"""The method itself, on tiny forward models whose right answers we can write down."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dfm
+
+
+# -- schedule ----------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_matches_its_closed_form():
+    s = dfm.schedule(1000, "cosine")
+    assert torch.allclose(s["abar"], torch.cumprod(1 - s["betas"], 0))
+    t = torch.arange(1000, dtype=torch.float64)
+    f = lambda u: torch.cos((u / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    unclipped = s["betas"] < 0.999
+    assert torch.allclose(s["abar"][unclipped].double(), (f(t + 1) / f(torch.tensor(0.0)))[unclipped], atol=1e-5)
+    assert s["betas"].max() <= 0.999 and (s["betas"] > 0).all()
+    assert s["abar"][0] > 0.9999 and s["abar"][-1] < 1e-6
+    assert (s["abar"][1:] < s["abar"][:-1]).all()  # noise only ever grows
+
+
+def test_linear_schedule_endpoints():
+    s = dfm.schedule(1000, "linear")
+    assert s["betas"][0] == pytest.approx(1e-4) and s["betas"][-1] == pytest.approx(0.02)
+    assert torch.allclose(s["abar"], torch.cumprod(1 - s["betas"], 0))
+
+
+def test_unknown_schedule_is_named_in_the_error():
+    with pytest.raises(ValueError, match="quadratic"):
+        dfm.schedule(10, "quadratic")
+
+
+# -- a tiny problem: the signal is a vector, each observation reads a few of its entries -------
+
+D, K = 6, 3  # signal size, entries per observation
+
+
+def read(signal, params):
+    """Observation = the signal at K indices given by params (B, K) (a linear forward model)."""
+    return signal.gather(1, params.long())
+
+
+class TinyDenoiser(nn.Module):
+    def __init__(self, obs_size=K):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * K + obs_size + 1, 32), nn.SiLU(), nn.Linear(32, D))
+        self.seen_n_ctxt = []
+
+    def forward(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
+        self.seen_n_ctxt.append(ctxt_obs.shape[1])
+        return self.net(torch.cat([ctxt_obs.mean(1), noisy_trgt, trgt_params.float(), t.float()[:, None] / 1000], 1))
+
+
+def tiny_batch(B=4, Nc=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(B, D, generator=g)
+    ctxt_params = torch.randint(0, D, (B, Nc, K), generator=g)
+    trgt_params = torch.randint(0, D, (B, K), generator=g)
+    ctxt_obs = torch.stack([read(signal, ctxt_params[:, i]) for i in range(Nc)], 1)
+    return ctxt_obs, ctxt_params, read(signal, trgt_params), trgt_params
+
+
+def test_gradients_flow_from_the_loss_through_the_forward_model_into_the_denoiser():
+    model = dfm.DFM(TinyDenoiser(), read, timesteps=100)
+    ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch()
+    loss = model.loss(ctxt_obs, ctxt_params, trgt_obs, trgt_params, trgt_obs, trgt_params)
+    assert loss.dim() == 0
+    loss.backward()
+    for p in model.denoiser.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # The signal entries that the target never reads get no gradient: the loss lives in observation space.
+    last = model.denoiser.net[-1].weight.grad.abs().sum(1)  # (D,) one row per signal entry
+    unread = torch.ones(D, dtype=torch.bool)
+    unread[trgt_params.flatten()] = False
+    assert (last[unread] == 0).all() and (last[~unread] > 0).all()
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_samplers_return_documented_shapes_and_are_reproducible(sampler, eta):
+    model = dfm.DFM(TinyDenoiser(), read, timesteps=100)
+    ctxt_obs, ctxt_params, _, trgt_params = tiny_batch(B=5)
+    signal, obs = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=10, sampler=sampler, eta=eta, generator=7)
+    assert signal.shape == (5, D) and obs.shape == (5, K)
+    assert torch.equal(obs, read(signal, trgt_params))  # the returned obs renders the returned signal
+    again, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=10, sampler=sampler, eta=eta,
+                            generator=torch.Generator().manual_seed(7))
+    other, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=10, sampler=sampler, eta=eta, generator=8)
+    assert torch.equal(signal, again)
+    assert not torch.equal(signal, other)
+
+
+class ExactGaussianDenoiser(nn.Module):
+    """For x0 ~ N(0, s^2) (1D), E[x0 | x_t] = sqrt(abar) s^2 / (abar s^2 + 1 - abar) x_t: a perfect denoiser."""
+
+    def __init__(self, abar, s):
+        super().__init__()
+        self.abar, self.s = abar, s
+
+    def forward(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
+        a = self.abar[t].view(-1, 1)
+        return a.sqrt() * self.s ** 2 / (a * self.s ** 2 + 1 - a) * noisy_trgt
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddpm", 100), ("ddim", 100)])
+def test_samplers_with_a_perfect_denoiser_draw_from_the_data_distribution(sampler, steps):
+    s = 0.5
+    model = dfm.DFM(nn.Identity(), dfm.identity, timesteps=1000)  # denoiser swapped in below
+    model.denoiser = ExactGaussianDenoiser(model.abar, s)
+    n = 4000
+    ctxt = torch.zeros(n, 1, 1)
+    signal, _ = model.sample(ctxt, torch.zeros(n, 1, 1), torch.zeros(n, 1), steps=steps, sampler=sampler, generator=0)
+    assert signal.mean().abs() < 0.05
+    assert signal.std().item() == pytest.approx(s, rel=0.06)
+
+
+def test_temperature_scales_the_initial_noise():
+    model = dfm.DFM(nn.Identity(), dfm.identity, timesteps=1000)
+    model.denoiser = ExactGaussianDenoiser(model.abar, 0.5)
+    n = 4000
+    args = (torch.zeros(n, 1, 1), torch.zeros(n, 1, 1), torch.zeros(n, 1))
+    cold, _ = model.sample(*args, steps=50, generator=0, temperature=0.5)
+    warm, _ = model.sample(*args, steps=50, generator=0)
+    assert cold.std().item() == pytest.approx(0.5 * warm.std().item(), rel=0.02)  # DDIM (eta 0) is linear in x_T here
+
+
+def test_guidance_scale_one_is_plain_sampling_and_other_scales_change_the_sample():
+    model = dfm.DFM(TinyDenoiser(), read, timesteps=100, ctxt_drop_prob=0.1)
+    ctxt_obs, ctxt_params, _, trgt_params = tiny_batch()
+    plain, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=5, generator=0)
+    one, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=5, generator=0, guidance=1.0)
+    two, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=5, generator=0, guidance=2.0)
+    assert torch.equal(plain, one) and not torch.allclose(plain, two)
+
+
+def test_context_dropout_hides_the_context_at_the_requested_rate():
+    seen = []
+
+    class Spy(TinyDenoiser):
+        def forward(self, ctxt_obs, *rest):
+            seen.append((ctxt_obs.flatten(1) == 0).all(1))
+            return super().forward(ctxt_obs, *rest)
+
+    model = dfm.DFM(Spy(), read, timesteps=100, ctxt_drop_prob=0.3)
+    ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch(B=2000)
+    torch.manual_seed(0)
+    model.loss(ctxt_obs + 10, ctxt_params, trgt_obs, trgt_params)
+    assert seen[0].float().mean().item() == pytest.approx(0.3, abs=0.04)
+
+
+def test_autoregressive_sampling_grows_the_context_one_observation_at_a_time():
+    denoiser = TinyDenoiser()
+    model = dfm.DFM(denoiser, read, timesteps=100)
+    ctxt_obs, ctxt_params, _, trgt_params = tiny_batch(B=3, Nc=1)
+    signal, obs = model.sample_autoregressive(ctxt_obs, ctxt_params, [trgt_params] * 3, steps=2, generator=0)
+    assert signal.shape == (3, D) and obs.shape == (3, 3, K)
+    assert denoiser.seen_n_ctxt == [1, 1, 2, 2, 3, 3]
+
+
+def test_deterministic_model_ignores_the_seed_and_oracle_observes_the_signal():
+    det = dfm.make_model("deterministic", TinyDenoiser(), read, timesteps=100)
+    ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch()
+    a, _ = det.sample(ctxt_obs, ctxt_params, trgt_params, generator=0)
+    b, _ = det.sample(ctxt_obs, ctxt_params, trgt_params, generator=1)
+    assert torch.equal(a, b)
+    det.loss(ctxt_obs, ctxt_params, trgt_obs, trgt_params).backward()
+    oracle = dfm.make_model("oracle", TinyDenoiser(obs_size=D), read, timesteps=100)
+    signals = dfm.sample_signals(oracle, "oracle", ctxt_obs, ctxt_params, trgt_params, 3, (D,), generator=0, steps=4)
+    assert signals.shape == (4, 3, D)
+    with pytest.raises(ValueError, match="kind"):
+        dfm.make_model("pixelnerf", TinyDenoiser(), read)
+
+
+def test_model_is_a_module_that_holds_the_denoiser():
+    model = dfm.DFM(TinyDenoiser(), read, timesteps=100)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.denoiser.parameters())
+    assert all(k.startswith("denoiser.") for k in model.state_dict())
+
+
+# -- bad input gets a clear error --------------------------------------------------------------
+
+
+def test_forward_model_with_the_wrong_output_shape_is_reported():
+    model = dfm.DFM(TinyDenoiser(), lambda s, p: s, timesteps=100)  # returns (B, D), target is (B, K)
+    ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch()
+    with pytest.raises(ValueError, match=r"forward\(signal, trgt_params\) returned shape \(4, 6\).*\(4, 3\)"):
+        model.loss(ctxt_obs, ctxt_params, trgt_obs, trgt_params)
+
+
+def test_float_timestep_is_reported():
+    model = dfm.DFM(TinyDenoiser(), read, timesteps=100)
+    ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch()
+    with pytest.raises(TypeError, match="integer tensor"):
+        model.denoise(ctxt_obs, ctxt_params, trgt_obs, trgt_params, torch.full((4,), 0.5))
+
+
+def test_context_without_the_nc_axis_is_reported():
+    model = dfm.DFM(TinyDenoiser(), read, timesteps=100)
+    ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch(Nc=1)
+    with pytest.raises(ValueError, match="Nc axis"):
+        model.loss(ctxt_obs[:, 0], ctxt_params[:, 0], trgt_obs, trgt_params)
+    with pytest.raises(ValueError, match="Nc axis"):
+        model.sample(ctxt_obs[:, 0], ctxt_params[:, 0], trgt_params)
+
+
+def test_unknown_sampler_is_named_in_the_error():
+    model = dfm.DFM(TinyDenoiser(), read, timesteps=100)
+    ctxt_obs, ctxt_params, _, trgt_params = tiny_batch()
+    with pytest.raises(ValueError, match="'euler'"):
+        model.sample(ctxt_obs, ctxt_params, trgt_params, sampler="euler")
+
+
+# -- distances between sample sets -------------------------------------------------------------
+
+
+def test_energy_distance_of_two_point_masses_is_twice_their_distance():
+    x = torch.zeros(1, 5, 2)
+    y = torch.tensor([3.0, 4.0]).expand(1, 7, 2)
+    assert dfm.energy_distance(x, y).item() == pytest.approx(10.0)
+    assert dfm.energy_distance(x, x).item() == 0.0
+
+
+def test_energy_distance_tells_a_shifted_distribution_from_the_floor():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 200, 4, generator=g)
+    floor = dfm.energy_distance(a, b)
+    shifted = dfm.energy_distance(a, b + 1.0)
+    assert (shifted > 5 * floor).all()

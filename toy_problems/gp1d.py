@@ -1,0 +1,280 @@
+"""1D toy: signals from a mixture of Gaussian processes, observed through windows.
+
+The signal is a function on a grid of N = 64 points, drawn from one of two Gaussian
+processes with the same kernel, one around +0.5 and one around -0.5. The forward model reads
+the signal in a window of W = 16 points; its params are the window's start index. A
+context is one or more windows, a target another window.
+
+A short window often cannot tell the two processes apart (for about half of all
+single-window contexts the likelier one has a posterior weight below 0.9), so the posterior over the rest
+of the signal is *bimodal*. Because everything is Gaussian given the component, the
+posterior is a Gaussian mixture in closed form (Rasmussen & Williams, eq. 2.19, with the
+mixture weights from the marginal likelihood of the observed points). A deterministic model
+can only draw the weighted mean of the two branches; DFM should draw from both.
+"""
+import math
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn as nn
+
+import dfm
+
+N = 64  # grid points in a signal
+W = 16  # points in a window (one observation)
+GRID = torch.linspace(0, 1, N, dtype=torch.float64)
+# The prior: (mixture weight, mean level, lengthscale, amplitude) of each GP component.
+COMPONENTS = [(0.5, +0.5, 0.2, 0.6), (0.5, -0.5, 0.2, 0.6)]
+JITTER = 1e-4  # white noise added to each covariance; part of the prior, so the posterior stays exact
+TILES = [0, 16, 32, 48]  # window starts that cover the signal, for whole-signal sampling
+SIGNAL_SHAPE = (N,)
+
+TRAIN_DEFAULTS = dict(steps=4000, batch_size=256, lr=1e-3)
+
+
+def component_mean_cov(k):
+    """Mean (N,) and covariance (N, N) of component k, in float64."""
+    _, level, lengthscale, amplitude = COMPONENTS[k]
+    sqdist = (GRID[:, None] - GRID[None, :]) ** 2
+    cov = amplitude ** 2 * torch.exp(-sqdist / (2 * lengthscale ** 2)) + JITTER * torch.eye(N, dtype=torch.float64)
+    return torch.full((N,), level, dtype=torch.float64), cov
+
+
+# -----------------------------------------------------------------------------
+# Data and forward model
+
+
+def forward(signal, params):
+    """Read the signal in a window: signal (B, N), params (B, 1) start index -> obs (B, W)."""
+    if signal.dim() != 2 or signal.shape[1] != N:
+        raise ValueError(f"signal must be (B, {N}), got {tuple(signal.shape)}")
+    index = params[:, :1].long() + torch.arange(W, device=signal.device)  # (B, W)
+    return signal.gather(1, index)
+
+
+def sample_signals(batch_size, generator):
+    """Draw signals from the prior: (B, N)."""
+    weights = torch.tensor([c[0] for c in COMPONENTS])
+    which = torch.multinomial(weights, batch_size, replacement=True, generator=generator)  # (B,)
+    z = torch.randn(batch_size, N, generator=generator, dtype=torch.float64)
+    signals = torch.empty(batch_size, N, dtype=torch.float64)
+    for k in range(len(COMPONENTS)):
+        mean, cov = component_mean_cov(k)
+        chol = torch.linalg.cholesky(cov)
+        signals[which == k] = mean + z[which == k] @ chol.T
+    return signals.float()
+
+
+def random_starts(*shape, generator):
+    return torch.randint(0, N - W + 1, shape, generator=generator).float().unsqueeze(-1)  # (*shape, 1)
+
+
+def sample_batch(batch_size, generator, device="cpu", n_ctxt=None):
+    """A batch of training examples; Nc is drawn from 1..4 (the contexts of whole-signal sampling) unless given."""
+    if n_ctxt is None:
+        n_ctxt = int(torch.randint(1, 5, (), generator=generator))
+    signal = sample_signals(batch_size, generator)  # (B, N)
+    ctxt_params = random_starts(batch_size, n_ctxt, generator=generator)  # (B, Nc, 1)
+    trgt_params = random_starts(batch_size, generator=generator)  # (B, 1)
+    novel_params = random_starts(batch_size, generator=generator)  # (B, 1)
+    ctxt_obs = torch.stack([forward(signal, ctxt_params[:, i]) for i in range(n_ctxt)], dim=1)  # (B, Nc, W)
+    batch = dict(ctxt_obs=ctxt_obs, ctxt_params=ctxt_params,
+                 trgt_obs=forward(signal, trgt_params), trgt_params=trgt_params,
+                 novel_obs=forward(signal, novel_params), novel_params=novel_params, signal=signal)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def held_out_batch(n_contexts, seed=0, device="cpu"):
+    """Fixed evaluation contexts (one window each), from a seed stream that training never uses."""
+    return sample_batch(n_contexts, torch.Generator().manual_seed(1_000_003 + seed), device, n_ctxt=1)
+
+
+# -----------------------------------------------------------------------------
+# The default denoiser
+
+
+def timestep_embedding(t, dim=64):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim)."""
+    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def to_canvas(obs, params):
+    """Place windows on the full grid: obs (B, Nc, W), params (B, Nc, 1) -> values (B, N), mask (B, N).
+
+    Overlapping windows are averaged, so any number of contexts gives the same two channels.
+    """
+    B, Nc, _ = obs.shape
+    index = (params[..., :1].long() + torch.arange(W, device=obs.device)).view(B, Nc * W)  # (B, Nc*W)
+    values = torch.zeros(B, N, device=obs.device).scatter_add(1, index, obs.reshape(B, Nc * W))
+    count = torch.zeros(B, N, device=obs.device).scatter_add(1, index, torch.ones_like(values[:, :1]).expand(B, Nc * W))
+    return values / count.clamp(min=1), (count > 0).float()
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual MLP block, modulated by the timestep (FiLM)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.film = nn.Linear(width, 2 * width)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, h, temb):
+        scale, shift = self.film(temb).chunk(2, dim=1)
+        return h + self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class Denoiser(nn.Module):
+    """An MLP over [context canvas, context mask, noisy-target canvas, target mask] -> the whole signal.
+
+    For the oracle the 'noisy target' is the noisy signal itself (all N points), so its mask is all ones.
+    The network predicts a correction to the context canvas, so copying the observed points is free.
+    """
+
+    def __init__(self, oracle=False, width=256, depth=4):
+        super().__init__()
+        self.oracle = oracle
+        self.inp = nn.Linear(4 * N, width)
+        self.time = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, N))
+
+    def forward(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
+        ctxt_values, ctxt_mask = to_canvas(ctxt_obs, ctxt_params)  # (B, N), (B, N)
+        if self.oracle:
+            trgt_values, trgt_mask = noisy_trgt, torch.ones_like(noisy_trgt)  # (B, N)
+        else:
+            trgt_values, trgt_mask = to_canvas(noisy_trgt.unsqueeze(1), trgt_params.unsqueeze(1))  # (B, N)
+        h = self.inp(torch.cat([ctxt_values, ctxt_mask, trgt_values, trgt_mask], dim=1))  # (B, width)
+        temb = self.time(timestep_embedding(t))  # (B, width)
+        for block in self.blocks:
+            h = block(h, temb)
+        return ctxt_values + self.out(h)  # (B, N)
+
+
+def make_denoiser(kind):
+    return Denoiser(oracle=(kind == "oracle"))
+
+
+# -----------------------------------------------------------------------------
+# The exact posterior
+
+
+def exact_posterior_mixture(ctxt_obs, ctxt_params):
+    """The posterior of one signal given its context windows, in closed form.
+
+    ctxt_obs (Nc, W), ctxt_params (Nc, 1). Returns a list, one entry per component, of
+    (weight, mean (N,), cov (N, N)), float64; observed points have their value and zero variance.
+    """
+    observed = torch.zeros(N, dtype=torch.bool)
+    y = torch.zeros(N, dtype=torch.float64)
+    for obs, start in zip(ctxt_obs, ctxt_params[:, 0].long().tolist()):
+        observed[start:start + W] = True
+        y[start:start + W] = obs.double().cpu()
+    o, u = observed, ~observed
+    log_weights, parts = [], []
+    for k, (prior_weight, *_) in enumerate(COMPONENTS):
+        mean, cov = component_mean_cov(k)
+        chol = torch.linalg.cholesky(cov[o][:, o])
+        resid = (y[o] - mean[o]).unsqueeze(1)  # (No, 1)
+        alpha = torch.cholesky_solve(resid, chol)  # K_oo^-1 (y_o - m_o)
+        # log N(y_o; m_o, K_oo): how well component k explains the context
+        log_lik = -0.5 * (resid * alpha).sum() - chol.diagonal().log().sum() - 0.5 * o.sum() * math.log(2 * math.pi)
+        log_weights.append(math.log(prior_weight) + log_lik)
+        post_mean, post_cov = y.clone(), torch.zeros(N, N, dtype=torch.float64)
+        post_mean[u] = mean[u] + cov[u][:, o] @ alpha[:, 0]  # m_u + K_uo K_oo^-1 (y_o - m_o)
+        post_cov[torch.outer(u, u)] = (cov[u][:, u] - cov[u][:, o] @ torch.cholesky_solve(cov[o][:, u], chol)).flatten()
+        parts.append((post_mean, post_cov))
+    weights = torch.softmax(torch.stack(log_weights), dim=0)
+    return [(float(w), m, c) for w, (m, c) in zip(weights, parts)]
+
+
+def exact_posterior(ctxt_obs, ctxt_params, n_samples, generator):
+    """Exact samples of p(signal | context): ctxt_obs (B, Nc, W), ctxt_params (B, Nc, 1) -> (B, n, N)."""
+    samples = []
+    for obs, params in zip(ctxt_obs, ctxt_params):
+        mixture = exact_posterior_mixture(obs, params)
+        which = torch.multinomial(torch.tensor([w for w, _, _ in mixture]), n_samples, replacement=True, generator=generator)
+        z = torch.randn(n_samples, N, generator=generator, dtype=torch.float64)
+        out = torch.empty(n_samples, N, dtype=torch.float64)
+        for k, (_, mean, cov) in enumerate(mixture):
+            unobserved = cov.diagonal() > 0
+            chol = torch.linalg.cholesky(cov[unobserved][:, unobserved])
+            draws = mean.repeat(n_samples, 1)
+            draws[:, unobserved] += z[:, unobserved] @ chol.T
+            out[which == k] = draws[which == k]
+        samples.append(out)
+    return torch.stack(samples).float().to(ctxt_obs.device)
+
+
+# -----------------------------------------------------------------------------
+# Scores and pictures
+
+
+def draw_samples(model, kind, batch, n_samples, generator, steps=50):
+    """Model samples for each context: (target-window signals (B, n, N), whole signals (B, n, N)).
+
+    DFM and the deterministic model sample the target window, then cover the whole signal
+    autoregressively, tile by tile; the oracle samples the whole signal at once.
+    """
+    model.eval()
+    ctxt_obs, ctxt_params, trgt_params = batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_params"]
+    B = ctxt_obs.shape[0]
+    window = dfm.sample_signals(model, kind, ctxt_obs, ctxt_params, trgt_params, n_samples, SIGNAL_SHAPE, generator, steps)
+    if kind == "oracle":
+        return window, window
+    tiles = [torch.full((B * n_samples, 1), float(s), device=ctxt_obs.device) for s in TILES]
+    whole, _ = model.sample_autoregressive(dfm.repeat_batch(ctxt_obs, n_samples), dfm.repeat_batch(ctxt_params, n_samples),
+                                           tiles, steps=steps, generator=generator)
+    return window, whole.view(B, n_samples, N)
+
+
+def evaluate(model, kind, seed=0, n_contexts=64, n_samples=64, steps=50):
+    """Energy distance to the exact posterior on the target window and on the whole signal, with floors."""
+    device = next(model.parameters()).device
+    batch = held_out_batch(n_contexts, seed, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    window, whole = draw_samples(model, kind, batch, n_samples, generator, steps)
+    cpu = torch.Generator().manual_seed(seed)
+    exact_a = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
+    exact_b = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
+
+    def read_window(s):  # (B, n, N) -> (B, n, W) at each context's target window
+        params = dfm.repeat_batch(batch["trgt_params"], n_samples)
+        return forward(s.flatten(0, 1), params).view(n_contexts, n_samples, W)
+
+    return {
+        "window": dfm.energy_distance(read_window(window), read_window(exact_a)).mean().item(),
+        "window_floor": dfm.energy_distance(read_window(exact_b), read_window(exact_a)).mean().item(),
+        "signal": dfm.energy_distance(whole, exact_a).mean().item(),
+        "signal_floor": dfm.energy_distance(exact_b, exact_a).mean().item(),
+    }
+
+
+def plot(model, kind, path, seed=0, n_contexts=3, n_samples=12, steps=50):
+    """Whole-signal samples over the exact posterior's bands (mean +- 2 sd of each mixture component)."""
+    device = next(model.parameters()).device
+    batch = held_out_batch(n_contexts, seed, device)
+    _, whole = draw_samples(model, kind, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
+    x = GRID.numpy()
+    fig, axes = plt.subplots(1, n_contexts, figsize=(4.5 * n_contexts, 3.2), sharey=True)
+    for i, ax in enumerate(axes):
+        for weight, mean, cov in exact_posterior_mixture(batch["ctxt_obs"][i].cpu(), batch["ctxt_params"][i].cpu()):
+            sd = cov.diagonal().sqrt()
+            ax.fill_between(x, mean - 2 * sd, mean + 2 * sd, color="tab:blue", alpha=0.1 + 0.4 * weight, lw=0)
+        for s in whole[i].cpu():
+            ax.plot(x, s, color="tab:red", lw=0.8, alpha=0.7)
+        start = int(batch["ctxt_params"][i, 0, 0])
+        ax.plot(x[start:start + W], batch["ctxt_obs"][i, 0].cpu(), color="black", lw=3, label="context")
+        ax.set_xlabel("position")
+    axes[0].plot([], [], color="tab:red", label=f"{kind} samples")
+    axes[0].fill_between([], [], [], color="tab:blue", alpha=0.4, label="exact posterior (2 sd)")
+    axes[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"1D mixture of GPs: {kind} samples of the whole signal given one window")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
