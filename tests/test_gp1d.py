@@ -1,0 +1,74 @@
+"""The 1D toy: its forward model, its closed-form posterior, and that DFM learns towards it."""
+import math
+
+import pytest
+import torch
+
+import dfm
+import train
+from toy_problems import gp1d
+
+
+def test_forward_reads_the_window():
+    signal = torch.arange(2 * gp1d.N, dtype=torch.float32).view(2, gp1d.N)
+    obs = gp1d.forward(signal, torch.tensor([[0.0], [10.0]]))
+    assert torch.equal(obs[0], signal[0, :gp1d.W]) and torch.equal(obs[1], signal[1, 10:10 + gp1d.W])
+
+
+def test_batch_has_the_documented_shapes():
+    batch = gp1d.sample_batch(5, torch.Generator().manual_seed(0), n_ctxt=3)
+    assert batch["ctxt_obs"].shape == (5, 3, gp1d.W) and batch["ctxt_params"].shape == (5, 3, 1)
+    assert batch["trgt_obs"].shape == (5, gp1d.W) and batch["signal"].shape == (5, gp1d.N)
+    assert torch.equal(batch["trgt_obs"], gp1d.forward(batch["signal"], batch["trgt_params"]))
+
+
+def test_exact_posterior_samples_reproduce_the_context():
+    batch = gp1d.sample_batch(6, torch.Generator().manual_seed(1), n_ctxt=2)
+    samples = gp1d.exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], 10, torch.Generator().manual_seed(0))
+    assert samples.shape == (6, 10, gp1d.N)
+    for i in range(2):
+        seen = gp1d.forward(samples.flatten(0, 1), dfm.repeat_batch(batch["ctxt_params"][:, i], 10))
+        assert torch.allclose(seen, dfm.repeat_batch(batch["ctxt_obs"][:, i], 10), atol=1e-6)
+    assert samples.std(dim=1).max() > 0.3  # and vary elsewhere
+
+
+def test_closed_form_posterior_agrees_with_brute_force_rejection(monkeypatch):
+    """On a 4-point grid read one point at a time: keep prior draws whose observed point is within 0.01 of y."""
+    monkeypatch.setattr(gp1d, "N", 4)
+    monkeypatch.setattr(gp1d, "W", 1)
+    monkeypatch.setattr(gp1d, "GRID", torch.linspace(0, 1, 4, dtype=torch.float64))
+    y = 0.3
+    mixture = gp1d.exact_posterior_mixture(torch.tensor([[y]]), torch.tensor([[0.0]]))
+    assert sum(w for w, _, _ in mixture) == pytest.approx(1.0)
+    assert 0.55 < mixture[0][0] < 0.95  # y = 0.3 favours the +0.5 component without deciding it
+
+    prior = gp1d.sample_signals(3_000_000, torch.Generator().manual_seed(0)).double()
+    kept = prior[(prior[:, 0] - y).abs() < 0.01]  # about 30k draws
+    assert len(kept) > 10_000
+    far = 3  # the point furthest from the observed one: the most bimodal
+    mean = sum(w * m[far] for w, m, _ in mixture)
+    second = sum(w * (c[far, far] + m[far] ** 2) for w, m, c in mixture)
+    p_positive = sum(w * 0.5 * (1 + math.erf(m[far] / math.sqrt(2 * c[far, far]))) for w, m, c in mixture)
+    assert kept[:, far].mean().item() == pytest.approx(mean.item(), abs=0.02)
+    assert kept[:, far].std().item() == pytest.approx(math.sqrt(second - mean ** 2), abs=0.02)
+    assert (kept[:, far] > 0).double().mean().item() == pytest.approx(p_positive, abs=0.02)
+
+
+def test_short_training_gets_closer_to_the_exact_posterior(tmp_path):
+    cfg = train.Config(problem="gp1d", steps=300, batch_size=128, lr=2e-3, warmup=20, eval_every=0,
+                       ckpt_every=1000, out_dir=str(tmp_path)).fill_defaults()
+    torch.manual_seed(cfg.seed)
+    untrained = train.build_model(cfg)
+    before = gp1d.evaluate(untrained, "dfm", n_contexts=16, n_samples=32, steps=10)
+    trained, _ = train.train(cfg, progress=False)
+    after = gp1d.evaluate(trained, "dfm", n_contexts=16, n_samples=32, steps=10)
+    assert after["window"] < 0.5 * before["window"]
+    assert after["signal"] < 0.5 * before["signal"]
+    assert after["window_floor"] < after["window"]  # the floor is the floor
+
+
+def test_plot_writes_a_png(tmp_path):
+    torch.manual_seed(0)
+    model = dfm.make_model("dfm", gp1d.make_denoiser("dfm"), gp1d.forward)
+    gp1d.plot(model, "dfm", tmp_path / "samples.png", n_samples=2, steps=2)
+    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

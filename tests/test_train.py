@@ -1,0 +1,102 @@
+"""Training infrastructure: exact resume, atomic checkpoints, clear errors, the command lines, DDP."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(out_dir, steps=6, ckpt_every=3):
+    return train.Config(problem="gp1d", steps=steps, batch_size=16, eval_every=0, ckpt_every=ckpt_every,
+                        out_dir=str(out_dir)).fill_defaults()
+
+
+def weights(path):
+    ckpt = torch.load(path, weights_only=True)
+    return {**{"model." + k: v for k, v in ckpt["model"].items()}, **{"ema." + k: v for k, v in ckpt["ema"].items()}}
+
+
+def test_resume_continues_exactly(tmp_path):
+    train.train(tiny_config(tmp_path / "straight"), progress=False)
+    train.train(tiny_config(tmp_path / "halves", steps=3), progress=False)
+    train.train(tiny_config(tmp_path / "halves"), resume=str(tmp_path / "halves" / "ckpt.pt"), progress=False)
+    a, b = weights(tmp_path / "straight" / "ckpt.pt"), weights(tmp_path / "halves" / "ckpt.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["config"]["problem"] == "gp1d" and ckpt["optimizer"]["state"]
+
+
+def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"step": 1})
+
+    def crash(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = []
+    real_loss = train.model_loss
+
+    def loss_that_breaks(model, kind, batch):
+        calls.append(1)
+        loss = real_loss(model, kind, batch)
+        return loss if len(calls) <= 4 else loss * float("nan")
+
+    monkeypatch.setattr(train, "model_loss", loss_that_breaks)
+    with pytest.raises(FloatingPointError, match="step 4.*last good checkpoint"):
+        train.train(tiny_config(tmp_path, ckpt_every=2), progress=False)
+    ckpt, _ = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_missing_and_corrupt_checkpoints_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train.load_checkpoint(str(tmp_path / "nope.pt"))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        train.load_checkpoint(str(tmp_path / "bad.pt"))
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(RuntimeError, match="not a dfm checkpoint"):
+        train.load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_command_lines_train_then_sample(tmp_path):
+    assert "--resume" in run("train.py", "--help").stdout
+    out = run("train.py", "--steps", "4", "--batch-size", "8", "--out-dir", str(tmp_path), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "ckpt.pt").exists()
+    out = run("sample.py", str(tmp_path / "ckpt.pt"), "--n-contexts", "2", "--n-samples", "4", "--steps", "2")
+    assert out.returncode == 0, out.stderr
+    assert "window_floor" in out.stdout and (tmp_path / "samples.png").exists()
+    out = run("sample.py", str(tmp_path / "missing.pt"))
+    assert out.returncode != 0 and "no checkpoint at" in out.stderr
+    out = run("train.py", "--problem", "nope")
+    assert out.returncode != 0 and "invalid choice" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_with_two_processes(tmp_path):
+    out = subprocess.run(["torchrun", "--nproc_per_node=2", "train.py", "--steps", "4", "--batch-size", "8",
+                          "--out-dir", str(tmp_path), "--no-progress", "--device", "cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt, cfg = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 4 and cfg.batch_size == 8
