@@ -3,7 +3,8 @@
     python bench.py                          # the 1D toy
     python bench.py --problem gp1d flatland  # several problems, one after another
 
-For each model (dfm, deterministic, oracle) it trains with the problem's default budget,
+For each model (dfm, deterministic, oracle) it trains with the problem's default budget
+(or finishes, or just loads, the run already in --out; training time is then that run's),
 scores the EMA weights against the exact posterior on held-out contexts, and times
 training (ms per step) and sampling (ms per sample, 50 DDIM steps). It prints one markdown
 table per problem, with the floor (two exact sample sets scored against each other), and
@@ -39,7 +40,9 @@ def bench(name, args):
     for kind in KINDS:
         cfg = train.Config(problem=name, model=kind, steps=args.steps, seed=args.seed, eval_every=0,
                            out_dir=os.path.join(args.out, f"{name}-{kind}")).fill_defaults()
-        model, seconds_per_step = train.train(cfg, progress=not args.no_progress)
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        resume = path if os.path.exists(path) else None  # finish (or just load) an earlier run
+        model, seconds_per_step = train.train(cfg, resume=resume, progress=not args.no_progress)
         scores = problem.evaluate(model, kind, seed=args.seed)
         scores["train ms/step"] = 1000 * seconds_per_step
         scores["sample ms/sample"] = time_sampling(problem, model, kind, cfg.device)

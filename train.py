@@ -103,7 +103,10 @@ def load_ema_model(path, device="cpu"):
 
 
 def train(cfg, resume=None, progress=True):
-    """Train as configured; returns (EMA model, seconds per step). Works alone or under torchrun."""
+    """Train as configured; returns (EMA model, seconds per step over the whole run, resumed parts included).
+
+    Works alone or under torchrun. Resuming a finished run just loads it.
+    """
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
@@ -120,23 +123,24 @@ def train(cfg, resume=None, progress=True):
     model = build_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step = 0
+    step, train_seconds = 0, 0.0
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if resume:
         ckpt, _ = load_checkpoint(resume, device)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+        step, train_seconds = ckpt["step"], ckpt["train_seconds"]
     ddp_model = DistributedDataParallel(model) if distributed else model
 
     def checkpoint():
         if rank == 0:
             save_checkpoint(path, dict(config=dataclasses.asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
-                                       optimizer=optimizer.state_dict(), step=step))
+                                       optimizer=optimizer.state_dict(), step=step,
+                                       train_seconds=train_seconds + time.perf_counter() - start_time))
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc=f"{cfg.problem}/{cfg.model}")
-    start_step, start_time, smooth_loss = step, time.perf_counter(), None
+    start_time, smooth_loss = time.perf_counter(), None
     while step < cfg.steps:
         seed = (cfg.seed * 1_000_003 + step) * world + rank  # this step's randomness, see the module docstring
         torch.manual_seed(seed)
@@ -166,7 +170,7 @@ def train(cfg, resume=None, progress=True):
             scores = problem.evaluate(ema, cfg.model, n_contexts=16, n_samples=32, steps=20)
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
     bar.close()
-    seconds_per_step = (time.perf_counter() - start_time) / max(1, step - start_step)
+    seconds_per_step = (train_seconds + time.perf_counter() - start_time) / max(1, step)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

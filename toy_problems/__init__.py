@@ -17,7 +17,7 @@ treat them alike:
 """
 import importlib
 
-PROBLEMS = ["gp1d"]
+PROBLEMS = ["gp1d", "flatland", "motion", "gan_inversion"]
 
 
 def load(name):
