@@ -14,8 +14,8 @@ Every denoised observation is therefore the rendering of one signal, and the las
 a sampling run is a sample of p(S | O_ctxt).
 
 This file holds the noise schedule, the DFM module (loss and the DDPM/DDIM samplers), the
-two comparison models (deterministic and oracle) and the distances used to score sample
-sets against an exact posterior.
+two comparison models (deterministic and oracle), the timestep embedding that denoisers
+share, and the distance used to score sample sets against an exact posterior.
 """
 import math
 
@@ -291,6 +291,17 @@ def sample_signals(model, kind, ctxt_obs, ctxt_params, trgt_params, n_samples, s
     signal, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=steps, generator=generator,
                              obs_shape=obs_shape, **sample_kwargs)
     return signal.view(B, n_samples, *signal_shape)
+
+
+# -----------------------------------------------------------------------------
+# A building block that every denoiser needs
+
+
+def timestep_embedding(t, dim=64):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim)."""
+    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 # -----------------------------------------------------------------------------

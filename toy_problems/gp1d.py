@@ -1,8 +1,8 @@
 """1D toy: signals from a mixture of Gaussian processes, observed through windows.
 
-The signal is a function on a grid of N = 64 points, drawn from one of two Gaussian
+The signal is a function on a grid of N = 32 points, drawn from one of two Gaussian
 processes with the same kernel, one around +0.5 and one around -0.5. The forward model reads
-the signal in a window of W = 16 points; its params are the window's start index. A
+the signal in a window of W = 8 points; its params are the window's start index. A
 context is one or more windows, a target another window.
 
 A short window often cannot tell the two processes apart (for about half of all
@@ -23,17 +23,17 @@ import torch.nn.functional as F
 
 import dfm
 
-N = 64  # grid points in a signal
-W = 16  # points in a window (one observation)
+N = 32  # grid points in a signal
+W = 8  # points in a window (one observation)
 GRID = torch.linspace(0, 1, N, dtype=torch.float64)
 # The prior: (mixture weight, mean level, lengthscale, amplitude) of each GP component.
 COMPONENTS = [(0.5, +0.5, 0.2, 0.6), (0.5, -0.5, 0.2, 0.6)]
 JITTER = 1e-4  # white noise added to each covariance; part of the prior, so the posterior stays exact
-TILES = [0, 16, 32, 48]  # window starts that cover the signal, for whole-signal sampling
+TILES = [0, 8, 16, 24]  # window starts that cover the signal, for whole-signal sampling
 SIGNAL_SHAPE = (N,)
 SIGMA_DATA = 0.8  # standard deviation of a signal value under the prior
 
-TRAIN_DEFAULTS = dict(steps=6000, batch_size=256, lr=1e-3)
+TRAIN_DEFAULTS = dict(steps=5000, batch_size=256, lr=1e-3)
 
 
 def component_mean_cov(k):
@@ -97,13 +97,6 @@ def held_out_batch(n_contexts, seed=0, device="cpu"):
 # The default denoiser
 
 
-def timestep_embedding(t, dim=64):
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim)."""
-    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    angles = t.float()[:, None] * freqs[None]  # (B, dim/2)
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
 def to_canvas(obs, params):
     """Place windows on the full grid: obs (B, Nc, W), params (B, Nc, 1) -> values (B, N), mask (B, N).
 
@@ -140,14 +133,14 @@ class Denoiser(nn.Module):
 
     Convolutions suit the problem: the prior is stationary, so what the net learns about a
     window at one position holds at every position (an MLP over the canvas learned the same
-    thing position by position, several times slower). Dilations 1..32 span the grid.
+    thing position by position, several times slower). Dilations 1..16 span the grid.
     For the oracle the 'noisy target' is the noisy signal itself (all N points), so its mask is all ones.
     The output is preconditioned as in Karras et al. 2022 (eq. 7): observed points are copied from
     the context, and elsewhere the network adds a correction of the right size to the best linear
     guess of the signal from the noisy target, so that it need not learn to copy its input.
     """
 
-    def __init__(self, oracle=False, channels=32, dilations=(1, 2, 4, 8, 16, 32, 1, 2), timesteps=1000):
+    def __init__(self, oracle=False, channels=32, dilations=(1, 2, 4, 8, 16), timesteps=1000):
         super().__init__()
         self.oracle = oracle
         self.inp = nn.Conv1d(4, channels, 3, padding=1)
@@ -163,7 +156,7 @@ class Denoiser(nn.Module):
         else:
             trgt_values, trgt_mask = to_canvas(noisy_trgt.unsqueeze(1), trgt_params.unsqueeze(1))  # (B, N)
         h = self.inp(torch.stack([ctxt_values, ctxt_mask, trgt_values, trgt_mask], dim=1))  # (B, C, N)
-        temb = self.time(timestep_embedding(t))  # (B, 128)
+        temb = self.time(dfm.timestep_embedding(t))  # (B, 128)
         for block in self.blocks:
             h = block(h, temb)
         # For x0 with variance s^2, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps gives E[x0 | x_t] = skip * x_t
