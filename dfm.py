@@ -294,7 +294,7 @@ def sample_signals(model, kind, ctxt_obs, ctxt_params, trgt_params, n_samples, s
 
 
 # -----------------------------------------------------------------------------
-# A building block that every denoiser needs
+# Building blocks that the toy problems' denoisers share
 
 
 def timestep_embedding(t, dim=64):
@@ -302,6 +302,22 @@ def timestep_embedding(t, dim=64):
     freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = t.float()[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ResBlock2d(nn.Module):
+    """Two 3x3 convolutions with a residual connection, modulated by the timestep (FiLM)."""
+
+    def __init__(self, ch, temb_dim):
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(8, ch), nn.GroupNorm(8, ch)
+        self.conv1, self.conv2 = nn.Conv2d(ch, ch, 3, padding=1), nn.Conv2d(ch, ch, 3, padding=1)
+        self.film = nn.Linear(temb_dim, 2 * ch)
+
+    def forward(self, x, temb):  # x (B, ch, H, W), temb (B, temb_dim)
+        scale, shift = self.film(temb)[..., None, None].chunk(2, dim=1)  # (B, ch, 1, 1) each
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        return x + h
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,24 @@
 import os
 import sys
 
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The project is a flat directory of modules: make them importable from the tests.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def run_notebook(monkeypatch):
+    """Execute notebooks/<name> top to bottom, as a student would, in fast mode (DFM_FAST=1:
+    a few seconds of training per model). A failing cell fails the test."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("DFM_FAST", "1")  # the kernel inherits it
+
+    def run(name):
+        notebook = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
+        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+
+    return run
