@@ -49,6 +49,8 @@ def bench(name, args):
         rows[kind] = scores
         os.makedirs(args.figures, exist_ok=True)
         problem.plot(model, kind, os.path.join(args.figures, f"{name}-{kind}.png"), seed=args.seed)
+        if kind == "dfm" and hasattr(problem, "animate"):  # problems with cameras get a GIF of one sample
+            problem.animate(model, kind, os.path.join(args.figures, f"{name}-{kind}.gif"), seed=args.seed)
     cfg = train.Config(problem=name).fill_defaults()
     columns = [c for c in rows["dfm"] if not c.endswith("_floor")]
     print(f"\n{name}: {cfg.steps} steps x batch {cfg.batch_size} per model, seed {args.seed}; "
@@ -60,6 +62,8 @@ def bench(name, args):
     floor = rows["dfm"]
     print("| floor (exact vs exact) | " + " | ".join(f"{floor[c + '_floor']:.4f}" if c + "_floor" in floor else "-"
                                                     for c in columns) + " |")
+    if hasattr(problem, "benchmark_render"):  # problems rendered by render.py
+        print(f"render.py throughput (forward + backward): {problem.benchmark_render(device=cfg.device):,.0f} rays/s")
 
 
 def main():

@@ -1,6 +1,6 @@
 """Draw samples from a trained checkpoint, score them against the exact posterior, save a figure.
 
-    python sample.py out/gp1d-dfm/ckpt.pt
+    python sample.py out/flatland-dfm/ckpt.pt
     python sample.py out/gp1d-dfm/ckpt.pt --n-samples 128 --steps 100 --seed 1
 
 Scores are distances between the model's samples and exact posterior samples for held-out

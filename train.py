@@ -1,8 +1,8 @@
 """Train DFM, or one of its two comparison models, on a toy problem.
 
-    python train.py                                   # DFM on the 1D toy, on the CPU, in a few minutes
+    python train.py                                   # DFM on flatland, on the CPU, in a few minutes
     python train.py --problem gp1d --model oracle     # the comparison models: deterministic, oracle
-    python train.py --resume out/gp1d-dfm/ckpt.pt     # continue exactly where a run stopped
+    python train.py --resume out/flatland-dfm/ckpt.pt # continue exactly where a run stopped
     torchrun --nproc_per_node=2 train.py              # the same run, data-parallel (DDP)
 
 Every run writes out/<problem>-<model>/ckpt.pt now and then, atomically (write, then
@@ -29,7 +29,7 @@ import toy_problems
 
 @dataclass
 class Config:
-    problem: str = "gp1d"  # which toy problem (a module of toy_problems/)
+    problem: str = "flatland"  # which toy problem (a module of toy_problems/)
     model: str = "dfm"  # dfm | deterministic | oracle
     steps: int = 0  # optimisation steps; 0 = the problem's default
     batch_size: int = 0  # examples per step, over all processes; 0 = the problem's default
@@ -179,7 +179,7 @@ def train(cfg, resume=None, progress=True):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problem", choices=toy_problems.PROBLEMS, help="toy problem (default gp1d)")
+    parser.add_argument("--problem", choices=toy_problems.PROBLEMS, help="toy problem (default flatland)")
     parser.add_argument("--model", choices=["dfm", "deterministic", "oracle"], help="what to train (default dfm)")
     for field in dataclasses.fields(Config):
         if field.name not in ("problem", "model"):

@@ -85,7 +85,7 @@ def test_command_lines_train_then_sample(tmp_path):
     assert (tmp_path / "ckpt.pt").exists()
     out = run("sample.py", str(tmp_path / "ckpt.pt"), "--n-contexts", "2", "--n-samples", "4", "--steps", "2")
     assert out.returncode == 0, out.stderr
-    assert "window_floor" in out.stdout and (tmp_path / "samples.png").exists()
+    assert "views_floor" in out.stdout and (tmp_path / "samples.png").exists()  # flatland is the default
     out = run("sample.py", str(tmp_path / "missing.pt"))
     assert out.returncode != 0 and "no checkpoint at" in out.stderr
     out = run("train.py", "--problem", "nope")
