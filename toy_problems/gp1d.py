@@ -33,7 +33,7 @@ TILES = [0, 8, 16, 24]  # window starts that cover the signal, for whole-signal 
 SIGNAL_SHAPE = (N,)
 SIGMA_DATA = 0.8  # standard deviation of a signal value under the prior
 
-TRAIN_DEFAULTS = dict(steps=5000, batch_size=256, lr=1e-3)
+TRAIN_DEFAULTS = dict(steps=15000, batch_size=256, lr=1e-3)
 
 
 def component_mean_cov(k):
