@@ -32,6 +32,14 @@ def test_exact_posterior_samples_reproduce_the_context():
     assert samples.std(dim=1).max() > 0.3  # and vary elsewhere
 
 
+def test_one_window_often_leaves_the_component_uncertain():
+    """The toy is only interesting if the posterior is often bimodal: about half of single-window contexts."""
+    batch = gp1d.sample_batch(300, torch.Generator().manual_seed(0), n_ctxt=1)
+    top_weight = torch.tensor([max(w for w, _, _ in gp1d.exact_posterior_mixture(o, p))
+                               for o, p in zip(batch["ctxt_obs"], batch["ctxt_params"])])
+    assert 0.3 < (top_weight < 0.9).float().mean().item() < 0.7
+
+
 def test_closed_form_posterior_agrees_with_brute_force_rejection(monkeypatch):
     """On a 4-point grid read one point at a time: keep prior draws whose observed point is within 0.01 of y."""
     monkeypatch.setattr(gp1d, "N", 4)
@@ -42,7 +50,7 @@ def test_closed_form_posterior_agrees_with_brute_force_rejection(monkeypatch):
     assert sum(w for w, _, _ in mixture) == pytest.approx(1.0)
     assert 0.55 < mixture[0][0] < 0.95  # y = 0.3 favours the +0.5 component without deciding it
 
-    prior = gp1d.sample_signals(3_000_000, torch.Generator().manual_seed(0)).double()
+    prior = gp1d.sample_prior(3_000_000, torch.Generator().manual_seed(0)).double()
     kept = prior[(prior[:, 0] - y).abs() < 0.01]  # about 30k draws
     assert len(kept) > 10_000
     far = 3  # the point furthest from the observed one: the most bimodal

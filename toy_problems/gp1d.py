@@ -6,7 +6,7 @@ the signal in a window of W = 8 points; its params are the window's start index.
 context is one or more windows, a target another window.
 
 A short window often cannot tell the two processes apart (for about half of all
-single-window contexts the likelier one has a posterior weight below 0.9), so the posterior over the rest
+single-window contexts the likelier one has a posterior weight below 0.9; a test checks it), so the posterior over the rest
 of the signal is *bimodal*. Because everything is Gaussian given the component, the
 posterior is a Gaussian mixture in closed form (Rasmussen & Williams, eq. 2.19, with the
 mixture weights from the marginal likelihood of the observed points). A deterministic model
@@ -56,7 +56,7 @@ def forward(signal, params):
     return signal.gather(1, index)
 
 
-def sample_signals(batch_size, generator):
+def sample_prior(batch_size, generator):
     """Draw signals from the prior: (B, N)."""
     weights = torch.tensor([c[0] for c in COMPONENTS])
     which = torch.multinomial(weights, batch_size, replacement=True, generator=generator)  # (B,)
@@ -77,7 +77,7 @@ def sample_batch(batch_size, generator, device="cpu", n_ctxt=None):
     """A batch of training examples; Nc is drawn from 1..4 (the contexts of whole-signal sampling) unless given."""
     if n_ctxt is None:
         n_ctxt = int(torch.randint(1, 5, (), generator=generator))
-    signal = sample_signals(batch_size, generator)  # (B, N)
+    signal = sample_prior(batch_size, generator)  # (B, N)
     ctxt_params = random_starts(batch_size, n_ctxt, generator=generator)  # (B, Nc, 1)
     trgt_params = random_starts(batch_size, generator=generator)  # (B, 1)
     novel_params = random_starts(batch_size, generator=generator)  # (B, 1)
