@@ -15,10 +15,12 @@ segment lengths delta_i = t_{i+1} - t_i (the last segment ends at `far`):
     C       = sum_i w_i c_i + (1 - sum_i w_i) * background
 
 Distances t are measured along unit directions, so density is per unit length. This file
-knows nothing about diffusion: get_rays, intersect_box, sample_along_rays, sample_pdf,
-composite, render_rays.
+knows nothing about diffusion: get_rays and its inverse project, lookup (pixel-aligned
+features: project points into views and sample their feature maps), intersect_box,
+sample_along_rays, sample_pdf, composite, render_rays.
 """
 import torch
+import torch.nn.functional as F
 
 
 def pixel_centers(*sizes, device="cpu"):
@@ -42,6 +44,46 @@ def get_rays(c2w, K, uv):
     dirs = dirs / dirs.norm(dim=-1, keepdim=True)
     origins = c2w[..., None, :D, D].expand(dirs.shape)  # (..., P, D)  the camera centre
     return origins, dirs
+
+
+def project(points, c2w, K):
+    """Where world points land in a camera, the inverse of get_rays.
+
+    points (..., P, D), c2w (..., D+1, D+1), K (..., D, D) -> uv (..., P, D-1) normalised image
+    coordinates (inside the image when in [0, 1]) and depth (..., P), the distance along the
+    camera's forward (z) axis; depth <= 0 means the point is behind the camera, and its uv
+    is meaningless.
+    """
+    D = K.shape[-1]
+    cam = (points - c2w[..., None, :D, D]) @ c2w[..., :D, :D]  # (..., P, D)  R^T (p - o), camera frame
+    depth = cam[..., -1]
+    pix = cam @ K.transpose(-1, -2)  # (..., P, D)  K (x, z) = z (u, 1)
+    uv = pix[..., :-1] / depth[..., None].clamp(min=1e-6)  # divide by z (clamped: behind-camera points are masked)
+    return uv, depth
+
+
+def lookup(features, points, c2w, K):
+    """Pixel-aligned features (pixelNeRF): sample every view's feature map where the points project.
+
+    features (B, V, C, W) in 2D or (B, V, C, H, W) in 3D, one map per view; points (B, P, D) in
+    the world; c2w (B, V, D+1, D+1), K (B, V, D, D). Bilinear, with pixel centres at (i + 0.5) / W
+    as in pixel_centers. Returns
+      feats (B, V, P, C)  the features under each point, zero where the view does not see it,
+      uv (B, V, P, D-1)   the point's image coordinates in each view,
+      depth (B, V, P)     its depth in each view's camera frame,
+      seen (B, V, P)      bool: in front of the camera and inside its image.
+    """
+    B, V, C = features.shape[:3]
+    uv, depth = project(points[:, None], c2w, K)  # (B, V, P, D-1), (B, V, P)
+    seen = (depth > 1e-6) & ((uv >= 0) & (uv <= 1)).all(dim=-1)  # (B, V, P)
+    grid = 2 * uv.clamp(-1, 2) - 1  # (B, V, P, D-1) grid_sample's [-1, 1] image coordinates
+    if grid.shape[-1] == 1:  # a 1D image is an image one pixel high
+        grid = torch.cat([grid, torch.zeros_like(grid)], dim=-1)
+        features = features.unsqueeze(-2)  # (B, V, C, 1, W)
+    maps = features.reshape(B * V, C, *features.shape[-2:])  # (B*V, C, H, W)
+    sampled = F.grid_sample(maps, grid.reshape(B * V, 1, -1, 2).to(maps.dtype), align_corners=False)  # (B*V, C, 1, P)
+    feats = sampled.view(B, V, C, -1).transpose(2, 3) * seen[..., None]  # (B, V, P, C)
+    return feats, uv, depth, seen
 
 
 def intersect_box(origins, dirs, lo, hi):
@@ -100,6 +142,7 @@ def composite(sigma, rgb, t, far, background=0.0):
     Returns a dict: rgb (..., C), depth (..., ) the expected distance at which the ray stops
     (the background counts as stopping at `far`), opacity (...,) = sum_i w_i, weights (..., S).
     """
+    sigma, rgb, t, far = sigma.float(), rgb.float(), t.float(), far.float()  # always float32, even under bf16 autocast
     deltas = torch.cat([t[..., 1:] - t[..., :-1], far[..., None] - t[..., -1:]], dim=-1).clamp(min=0)  # (..., S)
     tau = sigma * deltas  # optical thickness of each segment
     alpha = 1 - torch.exp(-tau)

@@ -156,3 +156,57 @@ def test_hierarchical_sampling_finds_a_thin_wall_that_coarse_sampling_blurs():
     truth = 1 - math.exp(-200 * 0.05)
     assert abs(fine["opacity"].item() - truth) < abs(coarse["opacity"].item() - truth)
     assert fine["t"].shape == (1, 80) and "coarse" in fine
+
+
+# -- projection and the pixel-aligned lookup -----------------------------------------------------
+
+
+def random_pose(D, generator):
+    """A random rotation (via QR, det +1) and position: (D+1, D+1)."""
+    q, r = torch.linalg.qr(torch.randn(D, D, generator=generator))
+    q = q * torch.sign(torch.diagonal(r))
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    c2w = torch.eye(D + 1)
+    c2w[:D, :D], c2w[:D, D] = q, torch.randn(D, generator=generator)
+    return c2w
+
+
+@pytest.mark.parametrize("D", [2, 3])
+def test_a_point_on_a_pixel_ray_projects_back_to_that_pixel(D):
+    g = torch.Generator().manual_seed(0)
+    c2w, K = random_pose(D, g), camera_at_origin(D, focal=1.3)[1]
+    uv = torch.rand(10, D - 1, generator=g)  # (P, D-1) anywhere in the image
+    origins, dirs = render.get_rays(c2w, K, uv)
+    dist = 0.5 + 3 * torch.rand(10, generator=g)  # distances along the rays
+    back, depth = render.project(origins + dist[:, None] * dirs, c2w, K)
+    assert torch.allclose(back, uv, atol=1e-5)
+    z = dirs @ c2w[:D, D - 1]  # cosine between each ray and the camera's forward axis
+    assert torch.allclose(depth, dist * z, atol=1e-5)
+
+
+@pytest.mark.parametrize("D", [2, 3])
+def test_lookup_reads_the_feature_of_the_pixel_a_point_projects_to_and_masks_the_rest(D):
+    g = torch.Generator().manual_seed(1)
+    c2w, K = random_pose(D, g), camera_at_origin(D, focal=1.0)[1]
+    image = (4,) if D == 2 else (3, 4)  # W, or (H, W)
+    n_pix = math.prod(image)
+    features = torch.arange(2 * n_pix, dtype=torch.float32).view(1, 1, 2, *image)  # (B=1, V=1, C=2, *image)
+    uv = render.pixel_centers(*image)  # (n_pix, D-1), row-major: pixel k has feature value k
+    origins, dirs = render.get_rays(c2w, K, uv)
+    points = torch.cat([origins + 2.0 * dirs,  # on each pixel's ray: sees that pixel
+                        origins - 2.0 * dirs,  # behind the camera
+                        origins[:1] + 2.0 * render.get_rays(c2w, K, torch.full((1, D - 1), 3.0))[1]])  # outside the image
+    feats, uv_out, depth, seen = render.lookup(features, points[None], c2w[None, None], K[None, None])
+    assert feats.shape == (1, 1, 2 * n_pix + 1, 2) and seen.shape == depth.shape == (1, 1, 2 * n_pix + 1)
+    assert seen[0, 0, :n_pix].all() and not seen[0, 0, n_pix:].any()
+    assert torch.allclose(feats[0, 0, :n_pix, 0], torch.arange(n_pix, dtype=torch.float32), atol=1e-4)
+    assert torch.allclose(feats[0, 0, :n_pix, 1], n_pix + torch.arange(n_pix, dtype=torch.float32), atol=1e-4)
+    assert (feats[0, 0, n_pix:] == 0).all() and (depth[0, 0, n_pix:2 * n_pix] < 0).all()
+    assert torch.allclose(uv_out[0, 0, :n_pix], uv, atol=1e-5)
+
+
+def test_compositing_stays_float32_under_bf16_inputs():
+    t = torch.linspace(0, 1, 8).expand(2, 8)
+    out = render.composite(torch.ones(2, 8, dtype=torch.bfloat16), torch.rand(2, 8, 3).bfloat16(), t, torch.ones(2))
+    assert out["rgb"].dtype == out["weights"].dtype == torch.float32
