@@ -24,13 +24,11 @@ import train
 KINDS = ["dfm", "deterministic", "oracle"]
 
 
-def time_sampling(problem, model, kind, device, n=64, steps=50):
+def time_sampling(problem, model, device, n=64, steps=50):
     """Milliseconds per sample for a batch of n contexts."""
-    batch = problem.sample_batch(n, torch.Generator().manual_seed(0), device)
-    signal_shape = batch["signal"].shape[1:]
+    batch = problem.held_out_batch(n, 0, device)
     start = time.perf_counter()
-    dfm.sample_signals(model, kind, batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_params"], 1,
-                       signal_shape, generator=0, steps=steps)
+    dfm.sample_signals(model, batch, 1, generator=0, steps=steps)
     return 1000 * (time.perf_counter() - start) / n
 
 
@@ -38,20 +36,21 @@ def bench(name, args):
     problem = toy_problems.load(name)
     rows = {}
     for kind in KINDS:
-        cfg = train.Config(problem=name, model=kind, steps=args.steps, seed=args.seed, eval_every=0,
-                           out_dir=os.path.join(args.out, f"{name}-{kind}")).fill_defaults()
+        cfg = train.make_config(name, model=kind, seed=args.seed, eval_every=0,
+                                out_dir=os.path.join(args.out, f"{name}-{kind}"),
+                                **({"steps": args.steps} if args.steps else {}))
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         resume = path if os.path.exists(path) else None  # finish (or just load) an earlier run
         model, seconds_per_step = train.train(cfg, resume=resume, progress=not args.no_progress)
-        scores = problem.evaluate(model, kind, seed=args.seed)
+        scores = problem.evaluate(model, seed=args.seed)
         scores["train ms/step"] = 1000 * seconds_per_step
-        scores["sample ms/sample"] = time_sampling(problem, model, kind, cfg.device)
+        scores["sample ms/sample"] = time_sampling(problem, model, cfg.device)
         rows[kind] = scores
         os.makedirs(args.figures, exist_ok=True)
-        problem.plot(model, kind, os.path.join(args.figures, f"{name}-{kind}.png"), seed=args.seed)
+        problem.plot(model, os.path.join(args.figures, f"{name}-{kind}.png"), seed=args.seed)
         if kind == "dfm" and hasattr(problem, "animate"):  # problems with cameras get a GIF of one sample
-            problem.animate(model, kind, os.path.join(args.figures, f"{name}-{kind}.gif"), seed=args.seed)
-    cfg = train.Config(problem=name).fill_defaults()
+            problem.animate(model, os.path.join(args.figures, f"{name}-{kind}.gif"), seed=args.seed)
+    cfg = train.make_config(name, **({"steps": args.steps} if args.steps else {}))
     columns = [c for c in rows["dfm"] if not c.endswith("_floor")]
     print(f"\n{name}: {cfg.steps} steps x batch {cfg.batch_size} per model, seed {args.seed}; "
           f"distances to the exact posterior, lower is better")

@@ -105,33 +105,71 @@ class DFM(nn.Module):
     forward(signal, params) -> obs                                           (any differentiable callable)
     ctxt_drop_prob: probability of zeroing the context during training, which teaches the
         unconditional model used by classifier-free guidance (0.1 in the authors' code).
+    obs_loss(pred, target) -> scalar: the loss between a rendered and a real observation
+        (default: mean squared error); a problem may add e.g. LPIPS here.
+
+    Two optional hooks let a problem extend the method without DFM knowing the problem:
+    - the loss may be taken on a subset of the target's pixels (the paper renders one random
+      patch per view to save memory): `loss(..., pixels=...)` then calls
+      forward(signal, params, pixels=pixels), which must render just those pixels;
+    - a denoiser with a method aux_loss(signal, trgt_obs, trgt_params) -> scalar adds its own
+      terms to the loss (the 3D model's conditioning render and depth smoothness).
+    A denoiser with a method use_schedule(abar) gets the model's noise schedule (for
+    preconditioning by the noise level), so the two can never disagree.
     """
 
-    def __init__(self, denoiser, forward, timesteps=1000, schedule_kind="cosine", ctxt_drop_prob=0.0):
+    kind = "dfm"  # what this model is: "dfm", "deterministic" or "oracle"
+
+    def __init__(self, denoiser, forward, timesteps=1000, schedule_kind="cosine", ctxt_drop_prob=0.0, obs_loss=None):
         super().__init__()
+        if not isinstance(timesteps, int) or timesteps < 1:
+            raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
+        if not 0 <= ctxt_drop_prob < 1:
+            raise ValueError(f"ctxt_drop_prob must be in [0, 1), got {ctxt_drop_prob}")
         self.denoiser = denoiser
         self.forward_model = forward
         self.timesteps = timesteps
         self.ctxt_drop_prob = ctxt_drop_prob
+        self.obs_loss = obs_loss or F.mse_loss
         for name, value in schedule(timesteps, schedule_kind).items():
             self.register_buffer(name, value, persistent=False)
+        if hasattr(denoiser, "use_schedule"):
+            denoiser.use_schedule(self.abar)
 
-    def denoise(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
-        """Predict the signal and render it at the target: returns (signal, obs), obs = forward(signal, trgt_params)."""
+    def predict(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
+        """The denoiser's signal estimate, after checking the timestep."""
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"t must be an integer tensor of shape (B,) with values in [0, {self.timesteps}), "
                             f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.shape != (noisy_trgt.shape[0],):
             raise ValueError(f"t must have shape (B,) = ({noisy_trgt.shape[0]},), got {tuple(t.shape)}")
-        signal = self.denoiser(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
-        obs = self.forward_model(signal, trgt_params)
-        if obs.shape != noisy_trgt.shape:
-            raise ValueError(f"forward(signal, trgt_params) returned shape {tuple(obs.shape)}, "
-                             f"but the target observation has shape {tuple(noisy_trgt.shape)}: they must match")
-        return signal, obs
+        return self.denoiser(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
 
-    def loss(self, ctxt_obs, ctxt_params, trgt_obs, trgt_params, novel_obs=None, novel_params=None):
-        """The DFM objective: L2 between the rendered signal estimate and the clean target (and novel view)."""
+    def render(self, signal, params, like, pixels=None):
+        """forward(signal, params), checked against the shape of the observation `like` it must match.
+
+        pixels (B, P): render only those pixels (indices into the flattened image of `like`);
+        the result is then (B, C, P), like select_pixels(like, pixels).
+        """
+        obs = self.forward_model(signal, params) if pixels is None else self.forward_model(signal, params, pixels=pixels)
+        expected = like.shape if pixels is None else (*like.shape[:2], pixels.shape[1])
+        if obs.shape != expected:
+            raise ValueError(f"forward(signal, params{'' if pixels is None else ', pixels'}) returned shape "
+                             f"{tuple(obs.shape)}, but the observation has shape {tuple(expected)}: they must match")
+        return obs
+
+    def denoise(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
+        """Predict the signal and render it at the target: returns (signal, obs), obs = forward(signal, trgt_params)."""
+        signal = self.predict(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
+        return signal, self.render(signal, trgt_params, noisy_trgt)
+
+    def loss(self, ctxt_obs, ctxt_params, trgt_obs, trgt_params, novel_obs=None, novel_params=None,
+             pixels=None, novel_pixels=None):
+        """The DFM objective: L2 between the rendered signal estimate and the clean target (and novel view).
+
+        The denoiser always sees the whole noisy target; pixels (B, P) and novel_pixels (B, P')
+        restrict the loss (and the rendering it needs) to those pixels of the target and novel view.
+        """
         _check_context(ctxt_obs, ctxt_params, trgt_params)
         B = trgt_obs.shape[0]
         t = torch.randint(0, self.timesteps, (B,), device=trgt_obs.device)  # t ~ Uniform{0..T-1}
@@ -141,15 +179,25 @@ class DFM(nn.Module):
         if self.ctxt_drop_prob > 0:  # classifier-free guidance: sometimes hide the context
             keep = torch.rand(B, device=ctxt_obs.device) >= self.ctxt_drop_prob
             ctxt_obs = ctxt_obs * keep.view(B, *[1] * (ctxt_obs.dim() - 1))
-        signal, obs = self.denoise(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
-        loss = F.mse_loss(obs, trgt_obs)
+        signal = self.predict(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
+        return self.signal_loss(signal, trgt_obs, trgt_params, novel_obs, novel_params, pixels, novel_pixels)
+
+    def signal_loss(self, signal, trgt_obs, trgt_params, novel_obs=None, novel_params=None, pixels=None,
+                    novel_pixels=None):
+        """How well one predicted signal explains the target (and novel) view, plus the denoiser's own terms."""
+        loss = self.obs_loss(self.render(signal, trgt_params, trgt_obs, pixels), select_pixels(trgt_obs, pixels))
         if novel_obs is not None:  # the same signal must also explain a view it was not given
-            loss = loss + F.mse_loss(self.forward_model(signal, novel_params), novel_obs)
+            loss = loss + self.obs_loss(self.render(signal, novel_params, novel_obs, novel_pixels),
+                                        select_pixels(novel_obs, novel_pixels))
+        if hasattr(self.denoiser, "aux_loss"):
+            loss = loss + self.denoiser.aux_loss(signal, trgt_obs, trgt_params)
         return loss
 
-    def forward(self, *args, **kwargs):
-        """Calling the module computes the loss, so that DistributedDataParallel syncs its gradients."""
-        return self.loss(*args, **kwargs)
+    def forward(self, batch):
+        """The training loss on a batch (a dict with sample_batch's keys). Training calls the module,
+        not .loss, so that DistributedDataParallel syncs the gradients."""
+        return self.loss(batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_obs"], batch["trgt_params"],
+                         batch.get("novel_obs"), batch.get("novel_params"), batch.get("pixels"), batch.get("novel_pixels"))
 
     def _predict(self, ctxt_obs, ctxt_params, x, trgt_params, t, guidance):
         """One denoiser call at integer step t: (signal, x0 estimate), guided on the x0 estimate if asked."""
@@ -205,6 +253,14 @@ class DFM(nn.Module):
         return signal, torch.stack(sampled, dim=1)
 
 
+def select_pixels(obs, pixels):
+    """obs (B, C, *image), pixels (B, P) indices into the flattened image -> (B, C, P); all of obs if pixels is None."""
+    if pixels is None:
+        return obs
+    flat = obs.flatten(2)  # (B, C, H*W)
+    return flat.gather(2, pixels[:, None, :].expand(-1, flat.shape[1], -1))
+
+
 def ddim_step(x, x0, abar, abar_prev, eta, generator):
     """DDIM update x_t -> x_{t_prev} towards the x0 estimate (Song et al. 2021, eq. 12)."""
     eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()  # the noise implied by x0
@@ -233,18 +289,20 @@ class Deterministic(DFM):
     wherever the context leaves the signal uncertain.
     """
 
+    kind = "deterministic"
+
     def _regress(self, ctxt_obs, ctxt_params, trgt_params, obs_shape):
         blank = torch.zeros(ctxt_obs.shape[0], *obs_shape, device=ctxt_obs.device)
         t = torch.full((ctxt_obs.shape[0],), self.timesteps - 1, device=ctxt_obs.device, dtype=torch.long)
         return self.denoise(ctxt_obs, ctxt_params, blank, trgt_params, t)
 
-    def loss(self, ctxt_obs, ctxt_params, trgt_obs, trgt_params, novel_obs=None, novel_params=None):
+    def loss(self, ctxt_obs, ctxt_params, trgt_obs, trgt_params, novel_obs=None, novel_params=None,
+             pixels=None, novel_pixels=None):
         _check_context(ctxt_obs, ctxt_params, trgt_params)
-        signal, obs = self._regress(ctxt_obs, ctxt_params, trgt_params, trgt_obs.shape[1:])
-        loss = F.mse_loss(obs, trgt_obs)
-        if novel_obs is not None:
-            loss = loss + F.mse_loss(self.forward_model(signal, novel_params), novel_obs)
-        return loss
+        blank = torch.zeros_like(trgt_obs)
+        t = torch.full((trgt_obs.shape[0],), self.timesteps - 1, device=trgt_obs.device, dtype=torch.long)
+        signal = self.predict(ctxt_obs, ctxt_params, blank, trgt_params, t)
+        return self.signal_loss(signal, trgt_obs, trgt_params, novel_obs, novel_params, pixels, novel_pixels)
 
     @torch.no_grad()
     def sample(self, ctxt_obs, ctxt_params, trgt_params, obs_shape=None, **ignored):
@@ -258,19 +316,28 @@ def identity(signal, params):
     return signal
 
 
+class Oracle(DFM):
+    """Plain conditional diffusion trained on the ground-truth signals, which only a toy can provide:
+    DFM with the identity as forward model, its 'target observation' being the signal itself."""
+
+    kind = "oracle"
+
+    def __init__(self, denoiser, forward=None, timesteps=1000, **dfm_kwargs):
+        super().__init__(denoiser, identity, timesteps, **dfm_kwargs)
+
+    def forward(self, batch):
+        return self.loss(batch["ctxt_obs"], batch["ctxt_params"], batch["signal"], batch["trgt_params"])
+
+
 def make_model(kind, denoiser, forward, timesteps=1000, **dfm_kwargs):
     """kind: "dfm" (the method), "deterministic" (no diffusion) or "oracle" (diffusion on the signal).
-
-    The oracle is plain conditional diffusion trained with the ground-truth signal as its
-    target, which only a toy problem can provide: DFM with the identity as forward model.
-    """
-    if kind == "dfm":
-        return DFM(denoiser, forward, timesteps, **dfm_kwargs)
+    The model carries its kind (model.kind), so nothing downstream needs to be told."""
+    models = {"dfm": DFM, "deterministic": Deterministic, "oracle": Oracle}
+    if kind not in models:
+        raise ValueError(f"unknown model kind {kind!r}: expected 'dfm', 'deterministic' or 'oracle'")
     if kind == "deterministic":
-        return Deterministic(denoiser, forward, timesteps)
-    if kind == "oracle":
-        return DFM(denoiser, identity, timesteps, **dfm_kwargs)
-    raise ValueError(f"unknown model kind {kind!r}: expected 'dfm', 'deterministic' or 'oracle'")
+        dfm_kwargs.pop("ctxt_drop_prob", None)  # nothing to guide
+    return models[kind](denoiser, forward, timesteps, **dfm_kwargs)
 
 
 def repeat_batch(x, n):
@@ -278,16 +345,17 @@ def repeat_batch(x, n):
     return _map_params(lambda v: v.repeat_interleave(n, dim=0), x)
 
 
-def sample_signals(model, kind, ctxt_obs, ctxt_params, trgt_params, n_samples, signal_shape,
-                   generator=None, steps=50, **sample_kwargs):
-    """n_samples signals for each of B contexts: (B, n_samples, *signal_shape).
+def sample_signals(model, batch, n_samples, generator=None, steps=50, **sample_kwargs):
+    """n_samples signals for each context of a batch (sample_batch's keys): (B, n_samples, *signal_shape).
 
-    The oracle samples the signal directly (its 'observation' is the signal); DFM and the
-    deterministic model sample the target view and return the signal behind it.
+    How every toy draws its samples for scoring. The oracle samples the signal directly (its
+    'observation' is the signal); DFM and the deterministic model sample the target view and
+    return the signal behind it.
     """
-    B = ctxt_obs.shape[0]
-    ctxt_obs, ctxt_params, trgt_params = (repeat_batch(x, n_samples) for x in (ctxt_obs, ctxt_params, trgt_params))
-    obs_shape = tuple(signal_shape) if kind == "oracle" else None
+    B, signal_shape = batch["ctxt_obs"].shape[0], batch["signal"].shape[1:]
+    ctxt_obs, ctxt_params, trgt_params = (repeat_batch(batch[k], n_samples)
+                                          for k in ("ctxt_obs", "ctxt_params", "trgt_params"))
+    obs_shape = tuple(signal_shape) if model.kind == "oracle" else tuple(batch["trgt_obs"].shape[1:])
     signal, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=steps, generator=generator,
                              obs_shape=obs_shape, **sample_kwargs)
     return signal.view(B, n_samples, *signal_shape)

@@ -32,13 +32,13 @@ def main():
     except (FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     problem = toy_problems.load(cfg.problem)
-    scores = problem.evaluate(model, cfg.model, seed=args.seed, n_contexts=args.n_contexts,
+    scores = problem.evaluate(model, seed=args.seed, n_contexts=args.n_contexts,
                               n_samples=args.n_samples, steps=args.steps)
     print(f"{cfg.problem} / {cfg.model}, {args.n_contexts} held-out contexts x {args.n_samples} samples:")
     for name, value in scores.items():
         print(f"  {name:>24s}  {value:.4f}")
     figure = args.figure or os.path.join(os.path.dirname(args.checkpoint), "samples.png")
-    problem.plot(model, cfg.model, figure, seed=args.seed)
+    problem.plot(model, figure, seed=args.seed)
     print(f"figure: {figure}")
 
 

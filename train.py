@@ -7,8 +7,9 @@
 
 Every run writes out/<problem>-<model>/ckpt.pt now and then, atomically (write, then
 rename), so a crash or Ctrl-C never corrupts the last good checkpoint. The random numbers
-of step k are drawn from a generator seeded by (seed, k, rank), so the step counter *is*
-the RNG state: a resumed run draws exactly what the uninterrupted run would have.
+of step k are drawn from a generator seeded by (seed, k, rank) (toy_problems.stream_seed), so
+the step counter *is* the RNG state: a resumed run draws exactly what the uninterrupted run
+would have, and no training step ever draws from the held-out stream that evaluation uses.
 """
 import argparse
 import copy
@@ -29,42 +30,48 @@ import toy_problems
 
 @dataclass
 class Config:
+    """Everything a run depends on; saved in every checkpoint. A problem's TRAIN_DEFAULTS override
+    these defaults, and the command line overrides both (see make_config)."""
     problem: str = "flatland"  # which toy problem (a module of toy_problems/)
     model: str = "dfm"  # dfm | deterministic | oracle
-    steps: int = 0  # optimisation steps; 0 = the problem's default
-    batch_size: int = 0  # examples per step, over all processes; 0 = the problem's default
-    lr: float = 0.0  # Adam learning rate after warm-up; 0 = the problem's default
+    steps: int = 2000  # optimisation steps
+    batch_size: int = 32  # examples per step, over all processes
+    lr: float = 1e-3  # Adam learning rate after warm-up
     warmup: int = 200  # steps of linear learning-rate warm-up
     grad_clip: float = 1.0  # clip the gradient norm at this value
     ema_decay: float = 0.995  # EMA of the weights, used for sampling
     timesteps: int = 1000  # diffusion steps T
+    ctxt_drop_prob: float = 0.0  # probability of hiding the context, for classifier-free guidance
+    precision: str = "auto"  # fp32 | bf16 (autocast; compositing stays float32) | auto = bf16 on a GPU, fp32 on the CPU
     eval_every: int = 1000  # steps between quick evaluations against the exact posterior (0 = never)
     ckpt_every: int = 500  # steps between checkpoints
     seed: int = 0
     out_dir: str = ""  # where ckpt.pt goes; "" = out/<problem>-<model>
     device: str = ""  # "" = cuda if available, else cpu
 
-    def fill_defaults(self):
-        defaults = toy_problems.load(self.problem).TRAIN_DEFAULTS
-        self.steps = self.steps or defaults["steps"]
-        self.batch_size = self.batch_size or defaults["batch_size"]
-        self.lr = self.lr or defaults["lr"]
-        self.out_dir = self.out_dir or os.path.join("out", f"{self.problem}-{self.model}")
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return self
+
+def make_config(problem="flatland", **overrides):
+    """The config of a new run: Config's defaults, then the problem's TRAIN_DEFAULTS, then the overrides."""
+    defaults = toy_problems.load(problem).TRAIN_DEFAULTS
+    unknown = set(defaults) - set(Config.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{problem}.TRAIN_DEFAULTS sets unknown config fields: {', '.join(sorted(unknown))}")
+    return resolve(Config(problem=problem, **{**defaults, **overrides}))
+
+
+def resolve(cfg):
+    """Fill in what depends on the machine or on other fields: the output folder, device and precision."""
+    cfg.out_dir = cfg.out_dir or os.path.join("out", f"{cfg.problem}-{cfg.model}")
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if cfg.device.startswith("cuda") else "fp32"
+    return cfg
 
 
 def build_model(cfg):
     problem = toy_problems.load(cfg.problem)
-    return dfm.make_model(cfg.model, problem.make_denoiser(cfg.model), problem.forward, cfg.timesteps)
-
-
-def model_loss(model, kind, batch):
-    """The training loss on one batch. The oracle is supervised with the signal itself."""
-    if kind == "oracle":
-        return model(batch["ctxt_obs"], batch["ctxt_params"], batch["signal"], batch["trgt_params"])
-    return model(batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_obs"], batch["trgt_params"],
-                 batch.get("novel_obs"), batch.get("novel_params"))
+    return dfm.make_model(cfg.model, problem.make_denoiser(cfg.model), problem.forward, cfg.timesteps,
+                          ctxt_drop_prob=cfg.ctxt_drop_prob)
 
 
 @torch.no_grad()
@@ -91,7 +98,7 @@ def load_checkpoint(path, device="cpu"):
         raise RuntimeError(f"checkpoint {path!r} is corrupt or not a dfm checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or not {"config", "model", "ema", "step"} <= ckpt.keys():
         raise RuntimeError(f"checkpoint {path!r} is not a dfm checkpoint: expected keys config, model, ema, step")
-    return ckpt, Config(**ckpt["config"])
+    return ckpt, Config(**{**dataclasses.asdict(Config()), **ckpt["config"]})
 
 
 def load_ema_model(path, device="cpu"):
@@ -141,13 +148,15 @@ def train(cfg, resume=None, progress=True):
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc=f"{cfg.problem}/{cfg.model}")
     start_time, smooth_loss = time.perf_counter(), None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     while step < cfg.steps:
-        seed = (cfg.seed * 1_000_003 + step) * world + rank  # this step's randomness, see the module docstring
+        seed = toy_problems.stream_seed("train", cfg.seed, step, rank)  # this step's randomness, see the docstring
         torch.manual_seed(seed)
-        batch = problem.sample_batch(cfg.batch_size // world, torch.Generator().manual_seed(seed), device)
+        batch = problem.sample_batch(cfg.batch_size // world, toy_problems.train_generator(cfg.seed, step, rank), device)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        loss = model_loss(ddp_model, cfg.model, batch)
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        with autocast:
+            loss = ddp_model(batch)
         bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
         if distributed:
             dist.all_reduce(bad)
@@ -167,7 +176,7 @@ def train(cfg, resume=None, progress=True):
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             checkpoint()
         if rank == 0 and cfg.eval_every and step % cfg.eval_every == 0:
-            scores = problem.evaluate(ema, cfg.model, n_contexts=16, n_samples=32, steps=20)
+            scores = problem.evaluate(ema, n_contexts=16, n_samples=32, steps=20)
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
     bar.close()
     seconds_per_step = (train_seconds + time.perf_counter() - start_time) / max(1, step)
@@ -190,8 +199,10 @@ def main():
     args = parser.parse_args()
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
     try:
-        cfg = load_checkpoint(args.resume)[1] if args.resume else Config()
-        cfg = dataclasses.replace(cfg, **overrides).fill_defaults()
+        if args.resume:
+            cfg = resolve(dataclasses.replace(load_checkpoint(args.resume)[1], **overrides))
+        else:
+            cfg = make_config(**overrides)
         _, seconds_per_step = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (FileNotFoundError, RuntimeError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

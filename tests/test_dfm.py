@@ -168,8 +168,12 @@ def test_deterministic_model_ignores_the_seed_and_oracle_observes_the_signal():
     assert torch.equal(a, b)
     det.loss(ctxt_obs, ctxt_params, trgt_obs, trgt_params).backward()
     oracle = dfm.make_model("oracle", TinyDenoiser(obs_size=D), read, timesteps=100)
-    signals = dfm.sample_signals(oracle, "oracle", ctxt_obs, ctxt_params, trgt_params, 3, (D,), generator=0, steps=4)
+    assert det.kind == "deterministic" and oracle.kind == "oracle" and dfm.make_model("dfm", TinyDenoiser(), read).kind == "dfm"
+    batch = dict(ctxt_obs=ctxt_obs, ctxt_params=ctxt_params, trgt_obs=trgt_obs, trgt_params=trgt_params,
+                 signal=torch.randn(4, D))
+    signals = dfm.sample_signals(oracle, batch, 3, generator=0, steps=4)
     assert signals.shape == (4, 3, D)
+    oracle(batch).backward()  # supervised with the signal: the oracle's 'observation' is (B, D), not (B, K)
     with pytest.raises(ValueError, match="kind"):
         dfm.make_model("pixelnerf", TinyDenoiser(), read)
 
@@ -186,7 +190,7 @@ def test_model_is_a_module_that_holds_the_denoiser():
 def test_forward_model_with_the_wrong_output_shape_is_reported():
     model = dfm.DFM(TinyDenoiser(), lambda s, p: s, timesteps=100)  # returns (B, D), target is (B, K)
     ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch()
-    with pytest.raises(ValueError, match=r"forward\(signal, trgt_params\) returned shape \(4, 6\).*\(4, 3\)"):
+    with pytest.raises(ValueError, match=r"forward\(signal, params\) returned shape \(4, 6\).*\(4, 3\)"):
         model.loss(ctxt_obs, ctxt_params, trgt_obs, trgt_params)
 
 
@@ -229,3 +233,92 @@ def test_energy_distance_tells_a_shifted_distribution_from_the_floor():
     floor = dfm.energy_distance(a, b)
     shifted = dfm.energy_distance(a, b + 1.0)
     assert (shifted > 5 * floor).all()
+
+
+# -- losses on part of the target, pluggable losses, auxiliary terms --------------------------------
+
+
+class Image1d(nn.Module):
+    """A denoiser whose signal is itself a tiny image (B, 2, 5) and whose forward model renders any
+    subset of its pixels (a 'patch'), so a loss on part of the target can be checked by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(10 + 10 + 1, 10)
+
+    def forward(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
+        x = torch.cat([ctxt_obs.flatten(1), noisy_trgt.flatten(1), t.float()[:, None] / 100], 1)
+        return self.net(x).view(-1, 2, 5)
+
+
+def render_pixels(signal, params, pixels=None):
+    """obs = 2 * signal (B, 2, 5); with pixels (B, P) only those pixels (B, 2, P)."""
+    obs = 2 * signal
+    return obs if pixels is None else dfm.select_pixels(obs, pixels)
+
+
+def image_batch(B=3):
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(B, 2, 5, generator=g)
+    params = torch.zeros(B, 1)
+    return dict(ctxt_obs=2 * signal[:, None], ctxt_params=params[:, None], trgt_obs=2 * signal, trgt_params=params)
+
+
+def test_a_patch_loss_equals_the_full_loss_restricted_to_the_patch():
+    torch.manual_seed(0)
+    model = dfm.DFM(Image1d(), render_pixels, timesteps=50)
+    b = image_batch()
+    pixels = torch.tensor([[0, 1, 2], [2, 3, 4], [4, 0, 1]])  # (B, P) a different patch per example
+
+    def elementwise(pred, target):  # keep every pixel's squared error, to restrict it by hand afterwards
+        return (pred - target) ** 2
+
+    torch.manual_seed(1)
+    model.obs_loss = elementwise
+    full = model.loss(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"])  # (B, 2, 5)
+    torch.manual_seed(1)  # the same t and noise: the denoiser sees the same whole noisy target
+    patch = model.loss(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], pixels=pixels)  # (B, 2, P)
+    assert torch.allclose(patch, dfm.select_pixels(full, pixels))
+    torch.manual_seed(1)
+    model.obs_loss = torch.nn.functional.mse_loss
+    mse = model.loss(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], pixels=pixels)
+    assert torch.allclose(mse, dfm.select_pixels(full, pixels).mean())
+    mse.backward()
+    assert model.denoiser.net.weight.grad.abs().sum() > 0
+
+
+def test_the_loss_is_pluggable_and_a_denoiser_adds_its_own_terms():
+    torch.manual_seed(0)
+    b = image_batch()
+    seen = {}
+
+    class WithAux(Image1d):
+        scale = nn.Parameter(torch.tensor(1.0))
+
+        def aux_loss(self, signal, trgt_obs, trgt_params):
+            seen["shapes"] = (signal.shape, trgt_obs.shape)
+            return 10.0 * self.scale ** 2  # gradient 20 * scale reaches this parameter only through the aux term
+
+    l1 = lambda pred, target: (pred - target).abs().mean()
+    model = dfm.DFM(WithAux(), render_pixels, timesteps=50, obs_loss=l1)
+    plain = dfm.DFM(Image1d(), render_pixels, timesteps=50, obs_loss=l1)
+    plain.denoiser.net.load_state_dict(model.denoiser.net.state_dict())
+    torch.manual_seed(1)
+    loss = model(b)
+    torch.manual_seed(1)
+    assert torch.allclose(loss, plain(b) + 10.0)
+    loss.backward()
+    assert model.denoiser.scale.grad == pytest.approx(20.0)
+    assert seen["shapes"] == ((3, 2, 5), (3, 2, 5))
+    det = dfm.make_model("deterministic", WithAux(), render_pixels, timesteps=50)
+    assert det(b) > 10.0  # the comparison model gets the same terms
+
+
+def test_a_denoiser_that_needs_the_schedule_gets_the_models_own():
+    class NeedsSchedule(Image1d):
+        def use_schedule(self, abar):
+            self.abar = abar
+
+    for T in (10, 2000):
+        model = dfm.DFM(NeedsSchedule(), render_pixels, timesteps=T, schedule_kind="linear")
+        assert model.denoiser.abar is model.abar and len(model.denoiser.abar) == T

@@ -138,27 +138,23 @@ def test_every_model_trains_and_samples_fields(kind):
     torch.manual_seed(0)
     batch = flatland.sample_batch(4, torch.Generator().manual_seed(0))
     model = dfm.make_model(kind, flatland.make_denoiser(kind), flatland.forward)
-    if kind == "oracle":  # supervised with the scene itself
-        loss = model.loss(batch["ctxt_obs"], batch["ctxt_params"], batch["signal"], batch["trgt_params"])
-    else:
-        loss = model.loss(batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_obs"], batch["trgt_params"],
-                          batch["novel_obs"], batch["novel_params"])
+    loss = model(batch)  # the oracle is supervised with the scene itself
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    signals = dfm.sample_signals(model, kind, batch["ctxt_obs"][:2], {k: v[:2] for k, v in batch["ctxt_params"].items()},
-                                 {k: v[:2] for k, v in batch["trgt_params"].items()}, 3, flatland.SIGNAL_SHAPE, 0, steps=2)
+    two = {k: ({kk: vv[:2] for kk, vv in v.items()} if isinstance(v, dict) else v[:2]) for k, v in batch.items()}
+    signals = dfm.sample_signals(model, two, 3, 0, steps=2)
     assert signals.shape == (2, 3, *flatland.SIGNAL_SHAPE) and signals.abs().max() <= 1
 
 
 def test_an_untrained_model_scores_far_above_the_floor_and_pictures_are_written(tmp_path):
     torch.manual_seed(0)
     model = dfm.make_model("dfm", flatland.make_denoiser("dfm"), flatland.forward)  # untrained: grey fog
-    scores = flatland.evaluate(model, "dfm", n_contexts=3, n_samples=16, steps=2)
+    scores = flatland.evaluate(model, n_contexts=3, n_samples=16, steps=2)
     assert set(scores) == {"views", "views_floor", "position", "position_floor", "psnr", "psnr_exact"}
     assert scores["views"] > 5 * scores["views_floor"] and scores["position"] > 3 * scores["position_floor"]
     assert scores["psnr_exact"] > scores["psnr"]
-    flatland.plot(model, "dfm", tmp_path / "flatland.png", n_contexts=2, n_samples=2, steps=2)
-    flatland.animate(model, "dfm", tmp_path / "flatland.gif", n_frames=4, steps=2)
+    flatland.plot(model, tmp_path / "flatland.png", n_contexts=2, n_samples=2, steps=2)
+    flatland.animate(model, tmp_path / "flatland.gif", n_frames=4, steps=2)
     assert (tmp_path / "flatland.png").stat().st_size > 0 and (tmp_path / "flatland.gif").stat().st_size > 0
 
 

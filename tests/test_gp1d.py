@@ -63,13 +63,13 @@ def test_closed_form_posterior_agrees_with_brute_force_rejection(monkeypatch):
 
 
 def test_short_training_gets_closer_to_the_exact_posterior(tmp_path):
-    cfg = train.Config(problem="gp1d", steps=200, batch_size=64, lr=2e-3, warmup=20, eval_every=0,
-                       ckpt_every=1000, out_dir=str(tmp_path)).fill_defaults()
+    cfg = train.make_config("gp1d", steps=200, batch_size=64, lr=2e-3, warmup=20, eval_every=0,
+                            ckpt_every=1000, out_dir=str(tmp_path))
     torch.manual_seed(cfg.seed)
     untrained = train.build_model(cfg)
-    before = gp1d.evaluate(untrained, "dfm", n_contexts=16, n_samples=32, steps=10)
+    before = gp1d.evaluate(untrained, n_contexts=16, n_samples=32, steps=10)
     trained, _ = train.train(cfg, progress=False)
-    after = gp1d.evaluate(trained, "dfm", n_contexts=16, n_samples=32, steps=10)
+    after = gp1d.evaluate(trained, n_contexts=16, n_samples=32, steps=10)
     assert after["window"] < 0.5 * before["window"]
     assert after["signal"] < 0.5 * before["signal"]
     assert after["window_floor"] < after["window"]  # the floor is the floor
@@ -78,5 +78,5 @@ def test_short_training_gets_closer_to_the_exact_posterior(tmp_path):
 def test_plot_writes_a_png(tmp_path):
     torch.manual_seed(0)
     model = dfm.make_model("dfm", gp1d.make_denoiser("dfm"), gp1d.forward)
-    gp1d.plot(model, "dfm", tmp_path / "samples.png", n_samples=2, steps=2)
+    gp1d.plot(model, tmp_path / "samples.png", n_samples=2, steps=2)
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

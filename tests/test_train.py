@@ -7,14 +7,15 @@ import sys
 import pytest
 import torch
 
+import dfm
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(out_dir, steps=6, ckpt_every=3):
-    return train.Config(problem="gp1d", steps=steps, batch_size=16, eval_every=0, ckpt_every=ckpt_every,
-                        out_dir=str(out_dir)).fill_defaults()
+    return train.make_config("gp1d", steps=steps, batch_size=16, eval_every=0, ckpt_every=ckpt_every,
+                             out_dir=str(out_dir))
 
 
 def weights(path):
@@ -48,14 +49,14 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypat
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = []
-    real_loss = train.model_loss
+    real_loss = dfm.DFM.forward
 
-    def loss_that_breaks(model, kind, batch):
+    def loss_that_breaks(model, batch):
         calls.append(1)
-        loss = real_loss(model, kind, batch)
+        loss = real_loss(model, batch)
         return loss if len(calls) <= 4 else loss * float("nan")
 
-    monkeypatch.setattr(train, "model_loss", loss_that_breaks)
+    monkeypatch.setattr(dfm.DFM, "forward", loss_that_breaks)
     with pytest.raises(FloatingPointError, match="step 4.*last good checkpoint"):
         train.train(tiny_config(tmp_path, ckpt_every=2), progress=False)
     ckpt, _ = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -100,3 +101,43 @@ def test_torchrun_with_two_processes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt, cfg = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 4 and cfg.batch_size == 8
+
+
+def test_training_and_held_out_streams_never_share_a_seed():
+    import toy_problems
+    train_seeds = {toy_problems.stream_seed("train", s, k, r) for s in range(4) for k in range(300) for r in range(4)}
+    held_out = {toy_problems.stream_seed("held_out", s) for s in range(2000)}
+    assert not train_seeds & held_out and len(train_seeds) == 4 * 300 * 4
+    assert all(x % 2 == 0 for x in train_seeds) and all(x % 2 == 1 for x in held_out)  # by construction: the last bit
+    with pytest.raises(ValueError, match="seed"):
+        toy_problems.stream_seed("train", -1)
+    # The data itself: the old scheme made training step k with --seed 1 reuse held-out seed k.
+    from toy_problems import motion
+    held = motion.held_out_batch(16, seed=0)["trgt_params"]
+    for step in range(3):
+        batch = motion.sample_batch(16, toy_problems.train_generator(1, step))
+        assert not torch.equal(batch["trgt_params"], held)
+
+
+@pytest.mark.parametrize("problem", ["gp1d", "flatland", "motion", "gan_inversion"])
+def test_every_problem_trains_with_another_number_of_timesteps(problem, tmp_path):
+    cfg = train.make_config(problem, steps=1, batch_size=2, timesteps=2000, eval_every=0, out_dir=str(tmp_path))
+    model, _ = train.train(cfg, progress=False)
+    assert model.timesteps == 2000 and len(model.abar) == 2000
+
+
+def test_a_problem_may_set_any_config_field(monkeypatch):
+    from toy_problems import gp1d
+    monkeypatch.setattr(gp1d, "TRAIN_DEFAULTS", dict(steps=7, warmup=3, ctxt_drop_prob=0.1))
+    cfg = train.make_config("gp1d", steps=9)
+    assert (cfg.steps, cfg.warmup, cfg.ctxt_drop_prob) == (9, 3, 0.1)
+    assert train.build_model(cfg).ctxt_drop_prob == 0.1
+    monkeypatch.setattr(gp1d, "TRAIN_DEFAULTS", dict(stepz=7))
+    with pytest.raises(ValueError, match="stepz"):
+        train.make_config("gp1d")
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path):
+    cfg = train.make_config("flatland", steps=2, batch_size=2, precision="bf16", eval_every=0, out_dir=str(tmp_path))
+    model, _ = train.train(cfg, progress=False)
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import dfm
 import render
+import toy_problems
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,7 @@ def sample_batch(batch_size, generator, device="cpu"):
 
 def held_out_batch(n_contexts, seed=0, device="cpu"):
     """Fixed evaluation contexts, from a seed stream that training never uses."""
-    return sample_batch(n_contexts, torch.Generator().manual_seed(1_000_003 + seed), device)
+    return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device)
 
 
 def benchmark_render(batch_size=64, repeats=10, device="cpu"):
@@ -434,14 +435,13 @@ def psnr(a, b):
     return 10 * math.log10(4 / ((a - b) ** 2).mean().item())
 
 
-def draw_samples(model, kind, batch, n_samples, generator, steps):
+def draw_samples(model, batch, n_samples, generator, steps):
     """n_samples fields per context of the batch: (B, n, 4, G, G)."""
     model.eval()
-    return dfm.sample_signals(model, kind, batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_params"],
-                              n_samples, SIGNAL_SHAPE, generator, steps)  # (B, n, 4, G, G)
+    return dfm.sample_signals(model, batch, n_samples, generator, steps)  # (B, n, 4, G, G)
 
 
-def evaluate(model, kind, seed=0, n_contexts=16, n_samples=32, steps=50):
+def evaluate(model, seed=0, n_contexts=16, n_samples=32, steps=50):
     """Scores against the exact posterior (lower is better), each with its floor, and a pixel score.
 
     views:    energy distance between the renders of model and exact samples from a ring of
@@ -453,7 +453,7 @@ def evaluate(model, kind, seed=0, n_contexts=16, n_samples=32, steps=50):
     """
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
-    samples = draw_samples(model, kind, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
+    samples = draw_samples(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
     cpu = torch.Generator().manual_seed(seed)
     exact_a = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
     exact_b = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
@@ -483,12 +483,12 @@ def strip(views):
     return ((views.clamp(-1, 1) + 1) / 2).permute(0, 2, 1).cpu().numpy()
 
 
-def plot(model, kind, path, seed=0, n_contexts=3, n_samples=4, steps=50):
+def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50):
     """For each context: the true scene, exact posterior samples and model samples, seen from above,
     each with its views from the ring of probe cameras as strips underneath (first row: the context camera)."""
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
-    samples = draw_samples(model, kind, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
+    samples = draw_samples(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
     exact = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, torch.Generator().manual_seed(seed))
     cols = 1 + 2 * n_samples
     fig, axes = plt.subplots(2 * n_contexts, cols, figsize=(1.5 * cols, 2.3 * n_contexts),
@@ -501,22 +501,22 @@ def plot(model, kind, path, seed=0, n_contexts=3, n_samples=4, steps=50):
             axes[2 * i, j].plot([0], [-1], marker="^", color="white", markersize=6, clip_on=False)  # context camera
             axes[2 * i + 1, j].imshow(strip(views[j]), aspect="auto", interpolation="nearest")
             if i == 0:
-                axes[0, j].set_title("truth" if j == 0 else "exact" if j <= n_samples else kind, fontsize=9)
+                axes[0, j].set_title("truth" if j == 0 else "exact" if j <= n_samples else model.kind, fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"flatland, {kind}: scenes from above given the view from the white camera; "
+    fig.suptitle(f"flatland, {model.kind}: scenes from above given the view from the white camera; "
                  "strips: views from a ring of cameras", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def animate(model, kind, path, seed=0, n_frames=36, steps=50):
+def animate(model, path, seed=0, n_frames=36, steps=50):
     """A GIF of a camera going around one sampled scene: the scene from above and the camera's 1D view."""
     from matplotlib.animation import FuncAnimation, PillowWriter
     device = next(model.parameters()).device
     batch = held_out_batch(1, seed, device)
-    signal = draw_samples(model, kind, batch, 1, torch.Generator(device=device).manual_seed(seed), steps)[0]  # (1, 4, G, G)
+    signal = draw_samples(model, batch, 1, torch.Generator(device=device).manual_seed(seed), steps)[0]  # (1, 4, G, G)
     angles = CONTEXT_ANGLE + torch.arange(n_frames) * 2 * math.pi / n_frames
     params = {k: v.to(device) for k, v in cameras(angles).items()}
     views = forward(signal.expand(n_frames, -1, -1, -1), params)  # (F, 3, W)
@@ -527,7 +527,7 @@ def animate(model, kind, path, seed=0, n_frames=36, steps=50):
     frustum, = ax.plot([], [], color="tab:orange", lw=0.8)
     image = ax_view.imshow(strip(views[:1]), aspect="auto", interpolation="nearest")
     ax_view.set_xticks([]), ax_view.set_yticks([])
-    ax.set_title(f"flatland, {kind} sample", fontsize=9)
+    ax.set_title(f"flatland, {model.kind} sample", fontsize=9)
 
     def frame(k):
         pos = params["c2w"][k, :2, 2].cpu()

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 import dfm
+import toy_problems
 
 H = W = 16  # image size
 D = 8  # latent size
@@ -95,7 +96,7 @@ def sample_batch(batch_size, generator, device="cpu"):
 
 def held_out_batch(n_contexts, seed=0, device="cpu"):
     """Fixed evaluation contexts, from a seed stream that training never uses."""
-    return sample_batch(n_contexts, torch.Generator().manual_seed(1_000_003 + seed), device)
+    return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device)
 
 
 # -----------------------------------------------------------------------------
@@ -217,13 +218,12 @@ def gan_scores(samples, exact, ctxt_obs, ctxt_params):
             "seen_mse": (err.sum() / (3 * mask.sum())).item()}
 
 
-def evaluate(model, kind, seed=0, n_contexts=32, n_samples=64, steps=50):
+def evaluate(model, seed=0, n_contexts=32, n_samples=64, steps=50):
     """Scores against the exact posterior, each with its floor (two independent exact sample sets)."""
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
     model.eval()
-    samples = dfm.sample_signals(model, kind, batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_params"],
-                                 n_samples, SIGNAL_SHAPE, torch.Generator(device=device).manual_seed(seed), steps)
+    samples = dfm.sample_signals(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
     cpu = torch.Generator().manual_seed(seed)
     exact_a = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
     exact_b = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
@@ -236,21 +236,20 @@ def to_rgb(image):
     return ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
 
 
-def plot(model, kind, path, seed=0, n_contexts=3, n_samples=5, steps=50):
+def plot(model, path, seed=0, n_contexts=3, n_samples=5, steps=50):
     """Per context: masked input, the true image, model completions, exact completions, and hidden latents."""
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
     model.eval()
     n_scatter = 64
-    samples = dfm.sample_signals(model, kind, batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_params"],
-                                 n_scatter, SIGNAL_SHAPE, torch.Generator(device=device).manual_seed(seed), steps)
+    samples = dfm.sample_signals(model, batch, n_scatter, torch.Generator(device=device).manual_seed(seed), steps)
     exact = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_scatter, torch.Generator().manual_seed(seed))
     cols = 2 + 2 * n_samples + 1
     fig, axes = plt.subplots(n_contexts, cols, figsize=(1.35 * cols, 1.5 * n_contexts))
     for i in range(n_contexts):
         shown = batch["ctxt_obs"][i, 0] - 0.6 * (1 - batch["ctxt_params"][i, 0])  # hidden half drawn dark
         row = [(shown, "input"), (batch["novel_obs"][i], "truth")]
-        row += [(generate(samples[i, :n_samples])[j], kind) for j in range(n_samples)]
+        row += [(generate(samples[i, :n_samples])[j], model.kind) for j in range(n_samples)]
         row += [(generate(exact[i, :n_samples])[j], "exact") for j in range(n_samples)]
         for ax, (image, title) in zip(axes[i], row):
             ax.imshow(to_rgb(image))
@@ -260,10 +259,10 @@ def plot(model, kind, path, seed=0, n_contexts=3, n_samples=5, steps=50):
         a, b = torch.nonzero(hidden)[:2, 0].tolist()  # two of the hidden latents
         ax = axes[i, -1]
         ax.scatter(exact[i, :, a].cpu(), exact[i, :, b].cpu(), s=4, color="tab:blue", label="exact")
-        ax.scatter(samples[i, :, a].cpu(), samples[i, :, b].cpu(), s=4, color="tab:red", label=kind)
+        ax.scatter(samples[i, :, a].cpu(), samples[i, :, b].cpu(), s=4, color="tab:red", label=model.kind)
         ax.set_xlim(-2, 2), ax.set_ylim(-2, 2), ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(f"hidden z{a}, z{b}" if i == 0 else "", fontsize=8)
-    fig.suptitle(f"GAN inversion, {kind}: completions of a half-visible image, and two hidden latents", fontsize=9)
+    fig.suptitle(f"GAN inversion, {model.kind}: completions of a half-visible image, and two hidden latents", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

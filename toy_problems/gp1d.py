@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dfm
+import toy_problems
 
 N = 32  # grid points in a signal
 W = 8  # points in a window (one observation)
@@ -90,7 +91,7 @@ def sample_batch(batch_size, generator, device="cpu", n_ctxt=None):
 
 def held_out_batch(n_contexts, seed=0, device="cpu"):
     """Fixed evaluation contexts (one window each), from a seed stream that training never uses."""
-    return sample_batch(n_contexts, torch.Generator().manual_seed(1_000_003 + seed), device, n_ctxt=1)
+    return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device, n_ctxt=1)
 
 
 # -----------------------------------------------------------------------------
@@ -140,14 +141,18 @@ class Denoiser(nn.Module):
     guess of the signal from the noisy target, so that it need not learn to copy its input.
     """
 
-    def __init__(self, oracle=False, channels=32, dilations=(1, 2, 4, 8, 16), timesteps=1000):
+    def __init__(self, oracle=False, channels=32, dilations=(1, 2, 4, 8, 16)):
         super().__init__()
         self.oracle = oracle
         self.inp = nn.Conv1d(4, channels, 3, padding=1)
         self.time = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 128))
         self.blocks = nn.ModuleList([ConvBlock(channels, d, 128) for d in dilations])
         self.out = nn.Sequential(nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv1d(channels, 1, 3, padding=1))
-        self.register_buffer("abar", dfm.schedule(timesteps)["abar"], persistent=False)
+        self.register_buffer("abar", None, persistent=False)  # the noise schedule of the model it belongs to
+
+    def use_schedule(self, abar):
+        """Called by dfm.DFM: precondition with the model's own noise levels (any T, any schedule)."""
+        self.abar = abar.clone()  # a buffer: moves with .to(device)
 
     def forward(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
         ctxt_values, ctxt_mask = to_canvas(ctxt_obs, ctxt_params)  # (B, N), (B, N)
@@ -227,17 +232,17 @@ def exact_posterior(ctxt_obs, ctxt_params, n_samples, generator):
 # Scores and pictures
 
 
-def draw_samples(model, kind, batch, n_samples, generator, steps=50):
+def draw_samples(model, batch, n_samples, generator, steps=50):
     """Model samples for each context: (target-window signals (B, n, N), whole signals (B, n, N)).
 
     DFM and the deterministic model sample the target window, then cover the whole signal
     autoregressively, tile by tile; the oracle samples the whole signal at once.
     """
     model.eval()
-    ctxt_obs, ctxt_params, trgt_params = batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_params"]
+    ctxt_obs, ctxt_params = batch["ctxt_obs"], batch["ctxt_params"]
     B = ctxt_obs.shape[0]
-    window = dfm.sample_signals(model, kind, ctxt_obs, ctxt_params, trgt_params, n_samples, SIGNAL_SHAPE, generator, steps)
-    if kind == "oracle":
+    window = dfm.sample_signals(model, batch, n_samples, generator, steps)
+    if model.kind == "oracle":
         return window, window
     tiles = [torch.full((B * n_samples, 1), float(s), device=ctxt_obs.device) for s in TILES]
     whole, _ = model.sample_autoregressive(dfm.repeat_batch(ctxt_obs, n_samples), dfm.repeat_batch(ctxt_params, n_samples),
@@ -245,12 +250,12 @@ def draw_samples(model, kind, batch, n_samples, generator, steps=50):
     return window, whole.view(B, n_samples, N)
 
 
-def evaluate(model, kind, seed=0, n_contexts=64, n_samples=64, steps=50):
+def evaluate(model, seed=0, n_contexts=64, n_samples=64, steps=50):
     """Energy distance to the exact posterior on the target window and on the whole signal, with floors."""
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    window, whole = draw_samples(model, kind, batch, n_samples, generator, steps)
+    window, whole = draw_samples(model, batch, n_samples, generator, steps)
     cpu = torch.Generator().manual_seed(seed)
     exact_a = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
     exact_b = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
@@ -267,11 +272,11 @@ def evaluate(model, kind, seed=0, n_contexts=64, n_samples=64, steps=50):
     }
 
 
-def plot(model, kind, path, seed=0, n_contexts=3, n_samples=12, steps=50):
+def plot(model, path, seed=0, n_contexts=3, n_samples=12, steps=50):
     """Whole-signal samples over the exact posterior's bands (mean +- 2 sd of each mixture component)."""
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
-    _, whole = draw_samples(model, kind, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
+    _, whole = draw_samples(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
     x = GRID.numpy()
     fig, axes = plt.subplots(1, n_contexts, figsize=(4.5 * n_contexts, 3.2), sharey=True)
     for i, ax in enumerate(axes):
@@ -283,10 +288,10 @@ def plot(model, kind, path, seed=0, n_contexts=3, n_samples=12, steps=50):
         start = int(batch["ctxt_params"][i, 0, 0])
         ax.plot(x[start:start + W], batch["ctxt_obs"][i, 0].cpu(), color="black", lw=3, label="context")
         ax.set_xlabel("position")
-    axes[0].plot([], [], color="tab:red", label=f"{kind} samples")
+    axes[0].plot([], [], color="tab:red", label=f"{model.kind} samples")
     axes[0].fill_between([], [], [], color="tab:blue", alpha=0.4, label="exact posterior (2 sd)")
     axes[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle(f"1D mixture of GPs: {kind} samples of the whole signal given one window")
+    fig.suptitle(f"1D mixture of GPs: {model.kind} samples of the whole signal given one window")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dfm
+import toy_problems
 
 H = W = 20  # image size
 SIZE = 4  # sprite size in pixels
@@ -133,7 +134,7 @@ def sample_batch(batch_size, generator, device="cpu"):
 
 def held_out_batch(n_contexts, seed=0, device="cpu"):
     """Fixed evaluation contexts, from a seed stream that training never uses."""
-    return sample_batch(n_contexts, torch.Generator().manual_seed(1_000_003 + seed), device)
+    return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device)
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def motion_scores(samples, first):
             "off_grid": dist.mean().item()}
 
 
-def evaluate(model, kind, seed=0, n_contexts=16, n_samples=64, steps=50):
+def evaluate(model, seed=0, n_contexts=16, n_samples=64, steps=50):
     """Distribution scores against the exact posterior, their floor, and the pixel error of the next frame.
 
     The floor is the score of n_samples exact samples: what a perfect sampler gets with this
@@ -243,8 +244,7 @@ def evaluate(model, kind, seed=0, n_contexts=16, n_samples=64, steps=50):
     batch = held_out_batch(n_contexts, seed, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
-    samples = dfm.sample_signals(model, kind, batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_params"],
-                                 n_samples, SIGNAL_SHAPE, generator, steps)  # (B, n, 2, H, W)
+    samples = dfm.sample_signals(model, batch, n_samples, generator, steps)  # (B, n, 2, H, W)
     exact = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, torch.Generator().manual_seed(seed))
     first = batch["trgt_params"]
     frames = forward(samples.flatten(0, 1), first.repeat_interleave(n_samples, dim=0))  # (B*n, 3, H, W)
@@ -263,13 +263,12 @@ def to_rgb(image):
     return ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
 
 
-def plot(model, kind, path, seed=0, n_contexts=3, n_samples=4, steps=50):
+def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50):
     """For each context: the first frame, then sampled motion fields (arrows) over their predicted next frames."""
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
     model.eval()
-    samples = dfm.sample_signals(model, kind, batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_params"],
-                                 n_samples, SIGNAL_SHAPE, torch.Generator(device=device).manual_seed(seed), steps)
+    samples = dfm.sample_signals(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
     first = batch["trgt_params"]  # (B, 3, H, W)
     fig, axes = plt.subplots(n_contexts, n_samples + 1, figsize=(1.9 * (n_samples + 1), 2.0 * n_contexts))
     ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
@@ -292,7 +291,7 @@ def plot(model, kind, path, seed=0, n_contexts=3, n_samples=4, steps=50):
             ax.set_title(" / ".join(names), fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"motion prediction, {kind}: sampled motion (arrows; grey = on the empty background) and "
+    fig.suptitle(f"motion prediction, {model.kind}: sampled motion (arrows; grey = on the empty background) and "
                  "predicted next frame; titles: red / blue sprite's move", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
