@@ -156,19 +156,22 @@ def composite(sigma, rgb, t, far, background=0.0):
 
 
 def render_rays(field, origins, dirs, near, far, n_samples=64, n_importance=0, perturb=False,
-                generator=None, background=0.0):
+                generator=None, background=0.0, coarse_grad=True):
     """Render rays through a field: sample -> query -> composite (-> resample -> query -> composite).
 
     field(points (..., R, S, D)) -> (sigma (..., R, S), rgb (..., R, S, C)).
     origins, dirs (..., R, D); near, far (..., R).
     n_importance > 0 adds that many samples drawn from the first pass's weights (hierarchical
     sampling) and composites all samples together; the first pass is returned as "coarse".
+    With coarse_grad=False the first pass runs without gradients (it only places the importance
+    samples; the field is trained through the second pass, which queries all samples again).
     Returns composite()'s dict plus t (..., R, S_total), the sample distances.
     """
     t = sample_along_rays(near, far, n_samples, perturb, generator)  # (..., R, S)
     points = origins[..., None, :] + t[..., None] * dirs[..., None, :]  # (..., R, S, D)
-    sigma, rgb = field(points)
-    out = composite(sigma, rgb, t, far, background)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and (coarse_grad or n_importance == 0)):
+        sigma, rgb = field(points)
+        out = composite(sigma, rgb, t, far, background)
     if n_importance > 0:
         bins = near[..., None] + (far - near)[..., None] * torch.linspace(0, 1, n_samples + 1, device=near.device)
         t_fine = sample_pdf(bins, out["weights"], n_importance, perturb, generator)  # (..., R, Si)

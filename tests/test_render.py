@@ -210,3 +210,20 @@ def test_compositing_stays_float32_under_bf16_inputs():
     t = torch.linspace(0, 1, 8).expand(2, 8)
     out = render.composite(torch.ones(2, 8, dtype=torch.bfloat16), torch.rand(2, 8, 3).bfloat16(), t, torch.ones(2))
     assert out["rgb"].dtype == out["weights"].dtype == torch.float32
+
+
+def test_a_coarse_pass_without_gradients_gives_the_same_render_and_trains_through_the_fine_pass():
+    center = torch.tensor([0.0, 0.0, 2.0], requires_grad=True)
+
+    def field(points):  # a soft ball whose position is a parameter
+        sigma = 20 * torch.exp(-((points - center) ** 2).sum(-1) / 0.1)
+        return sigma, torch.ones(*points.shape[:-1], 3) * 0.5
+    c2w, K = camera_at_origin(3)
+    origins, dirs = render.get_rays(c2w, K, render.pixel_centers(4, 4))
+    near, far = torch.full((16,), 0.5), torch.full((16,), 4.0)
+    kwargs = dict(n_samples=16, n_importance=16)
+    a = render.render_rays(field, origins, dirs, near, far, **kwargs)
+    b = render.render_rays(field, origins, dirs, near, far, coarse_grad=False, **kwargs)
+    assert torch.allclose(a["rgb"], b["rgb"]) and not b["coarse"]["rgb"].requires_grad
+    b["rgb"].sum().backward()
+    assert center.grad is not None and center.grad.abs().sum() > 0
