@@ -2,17 +2,20 @@
 
     python bench.py                          # the 1D toy
     python bench.py --problem gp1d flatland  # several problems, one after another
+    python bench.py --figures assets         # also refresh the README's figures (tracked in git)
 
 For each model (dfm, deterministic, oracle) it trains with the problem's default budget
 (or finishes, or just loads, the run already in --out; training time is then that run's),
 scores the EMA weights against the exact posterior on held-out contexts, and times
 training (ms per step) and sampling (ms per sample, 50 DDIM steps). It prints one markdown
 table per problem, with the floor (two exact sample sets scored against each other), and
-saves a figure per model in --figures.
+saves a figure per model in --figures (out/bench/figures by default; the README's figures in
+assets/ are only overwritten with an explicit --figures assets).
 """
 import argparse
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -38,9 +41,9 @@ def bench(name, args):
     for kind in KINDS:
         cfg = train.make_config(name, model=kind, seed=args.seed, eval_every=0,
                                 out_dir=os.path.join(args.out, f"{name}-{kind}"),
-                                **({"steps": args.steps} if args.steps else {}))
+                                **({"steps": args.steps} if args.steps is not None else {}))
         path = os.path.join(cfg.out_dir, "ckpt.pt")
-        resume = path if os.path.exists(path) else None  # finish (or just load) an earlier run
+        resume = path if os.path.exists(path) else None  # finish (or just load) an earlier run of the same config
         model, seconds_per_step = train.train(cfg, resume=resume, progress=not args.no_progress)
         scores = problem.evaluate(model, seed=args.seed)
         scores["train ms/step"] = 1000 * seconds_per_step
@@ -50,8 +53,8 @@ def bench(name, args):
         problem.plot(model, os.path.join(args.figures, f"{name}-{kind}.png"), seed=args.seed)
         if kind == "dfm" and hasattr(problem, "animate"):  # problems with cameras get a GIF of one sample
             problem.animate(model, os.path.join(args.figures, f"{name}-{kind}.gif"), seed=args.seed)
-    cfg = train.make_config(name, **({"steps": args.steps} if args.steps else {}))
     columns = [c for c in rows["dfm"] if not c.endswith("_floor")]
+    # train.train refuses a run in --out with another config or past cfg.steps, so every model has cfg.steps
     print(f"\n{name}: {cfg.steps} steps x batch {cfg.batch_size} per model, seed {args.seed}; "
           f"distances to the exact posterior, lower is better")
     print("| model | " + " | ".join(columns) + " |")
@@ -67,18 +70,30 @@ def bench(name, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problem", nargs="+", default=["gp1d"], choices=toy_problems.PROBLEMS)
-    parser.add_argument("--steps", type=int, default=0, help="training steps per model (0 = the problem's default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join("out", "bench"), help="checkpoints go here")
-    parser.add_argument("--figures", default="assets", help="figures go here")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--problem", nargs="+", default=["gp1d"], choices=toy_problems.PROBLEMS, metavar="PROBLEM",
+                        help="toy problems to benchmark, one after another: "
+                             f"{', '.join(toy_problems.PROBLEMS)} (default: gp1d)")
+    parser.add_argument("--steps", type=int, help="training steps per model (default: the problem's, "
+                        "as in train.py --help)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and of the held-out contexts, "
+                        "in [0, 2^20) (default: 0)")
+    parser.add_argument("--out", default=os.path.join("out", "bench"), help="folder for the runs' checkpoints, "
+                        "one subfolder per problem and model; runs found there are finished or reused "
+                        "(default: out/bench)")
+    parser.add_argument("--figures", help="folder for the figures (default: out/bench/figures, i.e. <--out>/figures; "
+                        "--figures assets refreshes the README's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (default: show them)")
     args = parser.parse_args()
+    args.figures = args.figures or os.path.join(args.out, "figures")
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), device {device}")
-    for name in args.problem:
-        bench(name, args)
+    try:
+        for name in args.problem:
+            bench(name, args)
+    except (ValueError, FileNotFoundError) as e:  # a bad option, or a run in --out that does not match
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -2,44 +2,118 @@
 
     python sample.py out/flatland-dfm/ckpt.pt
     python sample.py out/gp1d-dfm/ckpt.pt --n-samples 128 --steps 100 --seed 1
+    python sample.py out/flatland-dfm/ckpt.pt --sampler ddpm --temperature 0.85
 
 Scores are distances between the model's samples and exact posterior samples for held-out
 contexts (lower is better); each "_floor" is the same distance between two independent
-exact sample sets of the same size, the best any model can score.
+exact sample sets of the same size, the best any model can score. By default the settings
+are the problem's evaluate() defaults, the ones bench.py and the README's tables use, so the
+numbers are comparable with the tables.
 """
 import argparse
+import inspect
 import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 import toy_problems
 import train
 
 
+def use_sampler(model, **options):
+    """Make every model.sample call use these sampler options, with a progress bar per call.
+
+    A problem's evaluate() and plot() take no sampler options, but every sample they draw goes
+    through model.sample (also inside sample_autoregressive), so we wrap it on this instance.
+    """
+    sample = model.sample
+
+    def sample_with_options(*args, **kwargs):
+        kwargs = {**kwargs, **options}
+        calls = 1 if model.kind == "deterministic" else kwargs.get("steps", 50) * (1 + (kwargs.get("guidance", 1) != 1))
+        with tqdm(total=calls, desc=f"sampling {len(args[0])} signals", unit="call", leave=False) as bar:
+            def tick(module, inputs, output):  # one denoiser call per step (two if guided); returns None,
+                bar.update(1)                  # which keeps the denoiser's output
+            hook = model.denoiser.register_forward_hook(tick)
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                hook.remove()
+
+    model.sample = sample_with_options
+
+
+def evaluate_defaults(name):
+    """'gp1d 64, flatland 16, ...': each problem's evaluate() default of one argument, for --help."""
+    return ", ".join(f"{problem_name} {inspect.signature(problem.evaluate).parameters[name].default}"
+                     for problem_name, problem in train.problems_for_help().items())
+
+
+def check(args, cfg):
+    """A one-line error for any option that cannot work, before any sampling."""
+    rules = [("n_contexts", args.n_contexts is None or args.n_contexts >= 1, "an integer >= 1"),
+             ("n_samples", args.n_samples is None or args.n_samples >= 2,
+              "an integer >= 2 (the distances compare sets of samples for each context)"),
+             ("steps", args.steps is None or 1 <= args.steps <= cfg.timesteps,
+              f"in [1, {cfg.timesteps}] (the model's diffusion steps)"),
+             ("seed", 0 <= args.seed < 2 ** toy_problems.SEED_BITS, f"in [0, 2^{toy_problems.SEED_BITS})"),
+             ("eta", args.eta is None or args.eta >= 0, "a number >= 0"),
+             ("temperature", args.temperature is None or args.temperature > 0, "a number > 0"),
+             ("guidance", args.guidance in (None, 1) or cfg.ctxt_drop_prob > 0,
+              "1 for this checkpoint: guidance needs a model trained with --ctxt-drop-prob > 0")]
+    for name, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(args, name)}")
+    folder = os.path.dirname(args.figure) or "."
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise ValueError(f"--figure {args.figure!r}: the folder {folder!r} does not exist or is not writable")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a ckpt.pt written by train.py")
-    parser.add_argument("--seed", type=int, default=0, help="picks the held-out contexts and the sampling noise")
-    parser.add_argument("--n-contexts", type=int, default=64, help="held-out contexts to score on")
-    parser.add_argument("--n-samples", type=int, default=64, help="samples per context")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps per sample")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="picks the held-out contexts and the sampling noise, in [0, 2^20) (default: 0)")
+    parser.add_argument("--n-contexts", type=int, help="held-out contexts to score on, >= 1 (default: the "
+                        f"problem's, as in the README's tables: {evaluate_defaults('n_contexts')})")
+    parser.add_argument("--n-samples", type=int, help="samples per context, >= 2 (default: the problem's: "
+                        f"{evaluate_defaults('n_samples')})")
+    parser.add_argument("--steps", type=int, help="sampler steps per sample, in [1, the model's --timesteps] "
+                        f"(default: the problem's: {evaluate_defaults('steps')})")
+    parser.add_argument("--sampler", choices=["ddim", "ddpm"], help="DDIM or ancestral DDPM (default: ddim)")
+    parser.add_argument("--eta", type=float, help="DDIM noise: 0 = deterministic given the initial noise, "
+                        "1 = as much as DDPM; ignored by ddpm (default: 0)")
+    parser.add_argument("--temperature", type=float, help="scales the initial noise, > 0 (default: 1)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale on the x0 estimate, "
+                        "1 = off; needs a model trained with --ctxt-drop-prob > 0 (default: 1)")
     parser.add_argument("--figure", help="where to save the PNG (default: samples.png beside the checkpoint)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if this machine has a GPU, else cpu)")
     args = parser.parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.figure = args.figure or os.path.join(os.path.dirname(args.checkpoint), "samples.png")
     try:
         model, cfg = train.load_ema_model(args.checkpoint, args.device)
-    except (FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        check(args, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     problem = toy_problems.load(cfg.problem)
-    scores = problem.evaluate(model, seed=args.seed, n_contexts=args.n_contexts,
-                              n_samples=args.n_samples, steps=args.steps)
-    print(f"{cfg.problem} / {cfg.model}, {args.n_contexts} held-out contexts x {args.n_samples} samples:")
+    options = {k: getattr(args, k) for k in ("steps", "sampler", "eta", "temperature", "guidance")
+               if getattr(args, k) is not None}  # only what was given: the rest stays the problem's and the sampler's
+    use_sampler(model, **options)  # steps too, so the figure uses them as well
+    defaults = inspect.signature(problem.evaluate).parameters
+    n_contexts, n_samples, steps = (getattr(args, k) or defaults[k].default
+                                    for k in ("n_contexts", "n_samples", "steps"))
+    scores = problem.evaluate(model, seed=args.seed, n_contexts=n_contexts, n_samples=n_samples, steps=steps)
+    extras = "".join(f", {k} {options[k]}" for k in ("eta", "temperature", "guidance") if k in options)
+    print(f"{cfg.problem} / {cfg.model}, {n_contexts} held-out contexts x {n_samples} samples, "
+          f"{args.sampler or 'ddim'} with {steps} steps{extras}:")
     for name, value in scores.items():
         print(f"  {name:>24s}  {value:.4f}")
-    figure = args.figure or os.path.join(os.path.dirname(args.checkpoint), "samples.png")
-    problem.plot(model, figure, seed=args.seed)
-    print(f"figure: {figure}")
+    problem.plot(model, args.figure, seed=args.seed)
+    print(f"figure: {args.figure}")
 
 
 if __name__ == "__main__":

@@ -2,21 +2,30 @@
 
     python train.py                                   # DFM on flatland, on the CPU, in a few minutes
     python train.py --problem gp1d --model oracle     # the comparison models: deterministic, oracle
-    python train.py --resume out/flatland-dfm/ckpt.pt # continue exactly where a run stopped
+    python train.py --resume out/flatland-dfm/ckpt.pt --steps 4000  # continue exactly, then train longer
     torchrun --nproc_per_node=2 train.py              # the same run, data-parallel (DDP)
 
 Every run writes out/<problem>-<model>/ckpt.pt now and then, atomically (write, then
-rename), so a crash or Ctrl-C never corrupts the last good checkpoint. The random numbers
-of step k are drawn from a generator seeded by (seed, k, rank) (toy_problems.stream_seed), so
-the step counter *is* the RNG state: a resumed run draws exactly what the uninterrupted run
-would have, and no training step ever draws from the held-out stream that evaluation uses.
+rename), so a crash never corrupts the last good checkpoint; Ctrl-C saves one at the
+current step and stops. The random numbers of step k are drawn from a generator seeded by
+(seed, k, rank) (toy_problems.stream_seed), so the step counter *is* the RNG state: a
+resumed run draws exactly what the uninterrupted run would have, and no training step ever
+draws from the held-out stream that evaluation uses.
+
+Resuming continues the *same* run: it writes beside the checkpoint it resumed (or into
+--out-dir), and only how long it runs, how often it reports and saves, and where it runs
+may change (RESUMABLE); everything else (problem, model, batch, optimiser, schedule, seed)
+is the checkpoint's, and asking for another value is an error.
 """
 import argparse
 import copy
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +58,37 @@ class Config:
     out_dir: str = ""  # where ckpt.pt goes; "" = out/<problem>-<model>
     device: str = ""  # "" = cuda if available, else cpu
 
+    def validate(self, world=1):
+        """A ValueError naming the option and what it allows, for any setting that cannot work
+        (world: the number of processes). Every comparison with NaN is False, so NaN fails too."""
+        rules = [
+            ("problem", self.problem in toy_problems.PROBLEMS, "one of " + ", ".join(toy_problems.PROBLEMS)),
+            ("model", self.model in MODELS, "one of " + ", ".join(MODELS)),
+            ("steps", 1 <= self.steps <= 2 ** toy_problems.STEP_BITS, "an integer >= 1"),
+            ("batch_size", self.batch_size >= 1 and self.batch_size % world == 0,
+             "an integer >= 1" + (f" divisible by the number of processes ({world})" if world > 1 else "")),
+            ("lr", self.lr > 0, "a number > 0"),
+            ("warmup", self.warmup >= 0, "an integer >= 0 (0 = no warm-up)"),
+            ("grad_clip", self.grad_clip > 0, "a number > 0"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("timesteps", self.timesteps >= 1, "an integer >= 1"),
+            ("ctxt_drop_prob", 0 <= self.ctxt_drop_prob < 1, "in [0, 1)"),
+            ("precision", self.precision in ("fp32", "bf16", "auto"), "fp32, bf16 or auto"),
+            ("eval_every", self.eval_every >= 0, "an integer >= 0 (0 = never)"),
+            ("ckpt_every", self.ckpt_every >= 1, "an integer >= 1"),
+            ("seed", 0 <= self.seed < 2 ** toy_problems.SEED_BITS, f"in [0, 2^{toy_problems.SEED_BITS})"),
+        ]
+        for name, ok, allowed in rules:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}")
+        check_device(self.device)
+
+
+MODELS = ["dfm", "deterministic", "oracle"]
+# What may change when a run is resumed: how long it runs, how often it scores and saves, where it
+# runs and writes. Everything else defines the model, its data stream or its optimisation.
+RESUMABLE = ("steps", "ckpt_every", "eval_every", "device", "precision", "out_dir")
+
 
 def make_config(problem="flatland", **overrides):
     """The config of a new run: Config's defaults, then the problem's TRAIN_DEFAULTS, then the overrides."""
@@ -68,6 +108,20 @@ def resolve(cfg):
     return cfg
 
 
+def check_device(device):
+    """A clear error for a device this machine does not have, before anything is loaded onto it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no GPU available on this machine; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def build_model(cfg):
     problem = toy_problems.load(cfg.problem)
     return dfm.make_model(cfg.model, problem.make_denoiser(cfg.model), problem.forward, cfg.timesteps,
@@ -80,6 +134,22 @@ def ema_update(ema, model, decay):
         e.lerp_(p, 1 - decay)  # e = decay * e + (1 - decay) * p
 
 
+def prepare_out_dir(out_dir):
+    """Make the output folder and prove it writable now, not at the first checkpoint minutes later;
+    remove the ckpt.pt.tmp that a run killed while saving leaves behind."""
+    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir!r} must be a folder this user can write to ({e.strerror})") from None
+    try:
+        os.remove(os.path.join(out_dir, "ckpt.pt.tmp"))
+    except FileNotFoundError:
+        pass
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: the old checkpoint survives any crash mid-write."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -89,15 +159,24 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Returns (checkpoint dict, Config); clear errors for a missing or unreadable file."""
+    """Returns (checkpoint dict, Config); a one-line ValueError for anything that is not a dfm checkpoint."""
+    check_device(device)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}: train one first with `python train.py`")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ValueError(f"{path!r} is not a dfm checkpoint: not a file written by torch.save "
+                         "(train.py writes ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"checkpoint {path!r} is corrupt or not a dfm checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or not {"config", "model", "ema", "step"} <= ckpt.keys():
-        raise RuntimeError(f"checkpoint {path!r} is not a dfm checkpoint: expected keys config, model, ema, step")
+    except Exception as e:  # not its message: it suggests weights_only=False, which is unsafe and not the fix
+        raise ValueError(f"{path!r} is not a dfm checkpoint, or a damaged one: torch.load failed "
+                         f"({type(e).__name__})") from None
+    if not (isinstance(ckpt, dict) and {"config", "model", "ema", "step"} <= ckpt.keys()
+            and isinstance(ckpt["config"], dict)):
+        raise ValueError(f"{path!r} is not a dfm checkpoint: expected the keys config, model, ema, step")
+    unknown = set(ckpt["config"]) - set(Config.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{path!r} has config fields this train.py does not know: {', '.join(sorted(unknown))}")
     return ckpt, Config(**{**dataclasses.asdict(Config()), **ckpt["config"]})
 
 
@@ -109,76 +188,119 @@ def load_ema_model(path, device="cpu"):
     return model.eval(), cfg
 
 
+def check_resume(cfg, saved, step):
+    """A resumed run is the same run: only the RESUMABLE fields may differ from the checkpoint's (saved),
+    and it must not already be past cfg.steps (resuming a finished run just loads it)."""
+    if (cfg.problem, cfg.model) != (saved.problem, saved.model):
+        raise ValueError(f"the checkpoint holds problem {saved.problem}, model {saved.model}; "
+                         "--problem and --model cannot change on resume")
+    for field in dataclasses.fields(Config):
+        new, old = getattr(cfg, field.name), getattr(saved, field.name)
+        if field.name not in RESUMABLE and new != old:
+            raise ValueError(f"--{field.name.replace('_', '-')} cannot change on resume (the checkpoint's is {old!r}, "
+                             f"not {new!r}); start a new run in another --out-dir instead")
+    if step > cfg.steps:
+        raise ValueError(f"the checkpoint is at step {step}, past --steps {cfg.steps}; pass --steps > {step}")
+
+
 def train(cfg, resume=None, progress=True):
     """Train as configured; returns (EMA model, seconds per step over the whole run, resumed parts included).
 
-    Works alone or under torchrun. Resuming a finished run just loads it.
+    Works alone or under torchrun. Resuming a finished run just loads it. The first Ctrl-C (SIGINT)
+    saves a checkpoint at the current step and raises KeyboardInterrupt("interrupted at step N; ...").
     """
     distributed = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cfg.validate(world)  # before init_process_group, so that a bad option stops every process alike
+    prepare_out_dir(cfg.out_dir)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if resume:
+        ckpt, saved = load_checkpoint(resume)
+        check_resume(cfg, saved, ckpt["step"])
     if distributed:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
         if cfg.device == "cuda":
             cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    else:
-        rank, world = 0, 1
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     problem = toy_problems.load(cfg.problem)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step, train_seconds = 0, 0.0
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step, train_seconds, saved_step = 0, 0.0, None
     if resume:
-        ckpt, _ = load_checkpoint(resume, device)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
         step, train_seconds = ckpt["step"], ckpt["train_seconds"]
+    first_step = step
     ddp_model = DistributedDataParallel(model) if distributed else model
 
     def checkpoint():
+        nonlocal saved_step
         if rank == 0:
             save_checkpoint(path, dict(config=dataclasses.asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
                                        optimizer=optimizer.state_dict(), step=step,
                                        train_seconds=train_seconds + time.perf_counter() - start_time))
+        saved_step = step
 
+    # Ctrl-C only raises a flag; the loop stops at the next step boundary, where model, EMA, optimiser
+    # and step agree, and saves there. A second Ctrl-C interrupts at once (the last checkpoint survives).
+    interrupted = []
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers live
+    if in_main_thread:
+        def on_sigint(signum, frame):
+            interrupted.append(signum)
+            signal.signal(signal.SIGINT, previous_handler)
+        previous_handler = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+        signal.signal(signal.SIGINT, on_sigint)
+
+    if progress and rank == 0:
+        print(f"training {cfg.problem}/{cfg.model} from step {step} to {cfg.steps} on {cfg.device}; "
+              f"checkpoints: {path} (Ctrl-C saves one and stops)", file=sys.stderr, flush=True)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc=f"{cfg.problem}/{cfg.model}")
     start_time, smooth_loss = time.perf_counter(), None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    while step < cfg.steps:
-        seed = toy_problems.stream_seed("train", cfg.seed, step, rank)  # this step's randomness, see the docstring
-        torch.manual_seed(seed)
-        batch = problem.sample_batch(cfg.batch_size // world, toy_problems.train_generator(cfg.seed, step, rank), device)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-        with autocast:
-            loss = ddp_model(batch)
-        bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
-        if distributed:
-            dist.all_reduce(bad)
-        if bad > 0:
-            bar.close()
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; stopping without saving, so "
-                                     f"{path} keeps the last good checkpoint. Try a lower --lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        ema_update(ema, model, cfg.ema_decay)
-        step += 1
-        smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{smooth_loss:.4f}")
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint()
-        if rank == 0 and cfg.eval_every and step % cfg.eval_every == 0:
-            scores = problem.evaluate(ema, n_contexts=16, n_samples=32, steps=20)
-            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
-    bar.close()
+    try:
+        while step < cfg.steps:
+            seed = toy_problems.stream_seed("train", cfg.seed, step, rank)  # this step's randomness, see the docstring
+            torch.manual_seed(seed)
+            generator = toy_problems.train_generator(cfg.seed, step, rank)
+            batch = problem.sample_batch(cfg.batch_size // world, generator, device)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            with autocast:
+                loss = ddp_model(batch)
+            stop = torch.tensor([float(not torch.isfinite(loss)), float(bool(interrupted))], device=device)
+            if distributed:
+                dist.all_reduce(stop)  # every process stops at the same step
+            if stop[1] > 0:
+                checkpoint()
+                raise KeyboardInterrupt(f"interrupted at step {step}; resume with: python train.py --resume {path}")
+            if stop[0] > 0:
+                kept = (f"{path} keeps the checkpoint of step {saved_step}" if saved_step is not None else
+                        f"no checkpoint was written; {resume} (step {first_step}) is untouched" if resume else
+                        "no checkpoint was written")
+                raise FloatingPointError(f"the loss became {loss.item()} at step {step}; stopped: {kept}. "
+                                         "Try a lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            ema_update(ema, model, cfg.ema_decay)
+            step += 1
+            smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth_loss:.4f}")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+            if rank == 0 and cfg.eval_every and step % cfg.eval_every == 0:
+                scores = problem.evaluate(ema, n_contexts=16, n_samples=32, steps=min(20, cfg.timesteps))
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
+    finally:
+        bar.close()
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
     seconds_per_step = (train_seconds + time.perf_counter() - start_time) / max(1, step)
     if distributed:
         dist.barrier()
@@ -186,27 +308,93 @@ def train(cfg, resume=None, progress=True):
     return ema.eval(), seconds_per_step
 
 
+# The command line: what each option does and its unit; option_help adds the defaults.
+HELP = {
+    "problem": "the toy problem to train on",
+    "model": "what to train: dfm (the method), deterministic (regression from the context, pixelNeRF-style) "
+             "or oracle (conditional diffusion on the true signal, which only a toy can provide)",
+    "steps": "optimisation steps in all, a count (on --resume: the new total, more than the checkpoint's step)",
+    "batch_size": "examples per step, over all processes (must divide by their number)",
+    "lr": "Adam learning rate after warm-up, > 0",
+    "warmup": "steps of linear learning-rate warm-up (0 = none)",
+    "grad_clip": "clip the gradient's global L2 norm at this value, > 0",
+    "ema_decay": "decay per step of the EMA of the weights that sampling uses, in [0, 1)",
+    "timesteps": "diffusion steps T of the noise schedule",
+    "ctxt_drop_prob": "probability of hiding an example's context, in [0, 1); > 0 allows sample.py --guidance",
+    "precision": "fp32, bf16 (autocast; compositing stays float32) or auto (bf16 on a GPU, fp32 on the CPU)",
+    "eval_every": "steps between quick scores against the exact posterior, printed (0 = never)",
+    "ckpt_every": "steps between checkpoints (one is also written at the end, and on Ctrl-C)",
+    "seed": "seed of the initial weights and of the training data stream, an integer in [0, 2^20)",
+    "out_dir": "folder for ckpt.pt",
+    "device": "cpu, cuda or cuda:N",
+}
+
+
+def option_help(field, problem_defaults):
+    """The help of one Config field: what it does, then its default, the problems' own where they set one."""
+    special = {"problem": f"default: {Config.problem}",
+               "out_dir": "default: out/<problem>-<model>; on --resume, the checkpoint's folder",
+               "device": "default: cuda if this machine has a GPU, else cpu"}
+    by_problem = [f"{name} {defaults[field.name]}" for name, defaults in problem_defaults.items()
+                  if field.name in defaults]
+    if field.name in special:
+        default = special[field.name]
+    elif by_problem:
+        default = f"default: the problem's: {', '.join(by_problem)}; otherwise {field.default}"
+    else:
+        default = f"default: {field.default}"
+    return f"{HELP[field.name]} ({default})"
+
+
+def problems_for_help():
+    """{name: module} of every problem, when --help is asked for (importing them all costs time); a problem
+    that fails to import is left out, and using it shows why. sample.py uses it too."""
+    problems = {}
+    for name in toy_problems.PROBLEMS if {"-h", "--help"} & set(sys.argv[1:]) else []:
+        try:
+            problems[name] = toy_problems.load(name)
+        except Exception:
+            pass
+    return problems
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problem", choices=toy_problems.PROBLEMS, help="toy problem (default flatland)")
-    parser.add_argument("--model", choices=["dfm", "deterministic", "oracle"], help="what to train (default dfm)")
-    for field in dataclasses.fields(Config):
-        if field.name not in ("problem", "model"):
-            parser.add_argument("--" + field.name.replace("_", "-"), type=field.type, help=f"(default {field.default!r})")
-    parser.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint, exactly; "
-                        "options given here override the checkpoint's (e.g. --steps to train longer)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    problem_defaults = {name: problem.TRAIN_DEFAULTS for name, problem in problems_for_help().items()}
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Options left out take the problem's defaults, or on --resume the checkpoint's. On --resume only "
+               f"{', '.join('--' + f.replace('_', '-') for f in RESUMABLE)} may change.")
+    for field in dataclasses.fields(Config):  # default None: only the options given override anything
+        choices = {"problem": toy_problems.PROBLEMS, "model": MODELS}.get(field.name)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=field.type, choices=choices,
+                            help=option_help(field, problem_defaults))
+    parser.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint exactly, writing "
+                        "beside it (or into --out-dir); with --steps > its step to train longer (default: a new run)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: show one)")
     args = parser.parse_args()
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    say = int(os.environ.get("RANK", 0)) == 0  # under torchrun, only the first process prints errors
     try:
         if args.resume:
-            cfg = resolve(dataclasses.replace(load_checkpoint(args.resume)[1], **overrides))
+            ckpt, saved = load_checkpoint(args.resume)
+            # device: this machine's unless given; out_dir: beside the checkpoint, never the folder stored in it
+            cfg = resolve(dataclasses.replace(saved, **{"device": "", "out_dir": os.path.dirname(args.resume) or ".",
+                                                        **given}))
+            if cfg.steps <= ckpt["step"]:
+                raise ValueError(f"the checkpoint is at step {ckpt['step']}: pass --steps > {ckpt['step']} "
+                                 "to train longer")
         else:
-            cfg = make_config(**overrides)
+            cfg = make_config(**given)
         _, seconds_per_step = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (FileNotFoundError, RuntimeError, ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    if int(os.environ.get("RANK", 0)) == 0:
+    except KeyboardInterrupt as e:
+        if say:
+            print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one line; a bad option or file: status 2
+        if say:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, FloatingPointError) else 2)  # the same on every process
+    if say:
         print(f"done: {cfg.steps} steps, {1000 * seconds_per_step:.1f} ms/step; checkpoint {cfg.out_dir}/ckpt.pt")
 
 
