@@ -9,12 +9,14 @@ sys.path.insert(0, ROOT)
 
 
 @pytest.fixture
-def run_notebook(monkeypatch):
+def run_notebook(monkeypatch, tmp_path):
     """Execute notebooks/<name> top to bottom, as a student would, in fast mode (DFM_FAST=1:
-    a few seconds of training per model). A failing cell fails the test."""
+    a few seconds of training per model). A failing cell fails the test. The kernel's temporary
+    folders (tempfile.mkdtemp) go under pytest's tmp_path, so a failed run leaves nothing in /tmp."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("DFM_FAST", "1")  # the kernel inherits it
+    monkeypatch.setenv("DFM_FAST", "1")  # the kernel inherits both
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
 
     def run(name):
         notebook = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
