@@ -26,13 +26,15 @@ import importlib
 
 import torch
 
-PROBLEMS = ["gp1d", "flatland", "motion", "gan_inversion"]
+PROBLEMS = ["gp1d", "flatland", "motion", "gan_inversion", "scenes3d", "scenes3d-64", "scenes3d-128"]
 
 
 def load(name):
-    """The module of a toy problem, by name."""
+    """The module of a toy problem, by name (the three 3D problems are one module at three sizes)."""
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}: expected one of {', '.join(PROBLEMS)}")
+    if name.startswith("scenes3d"):
+        return importlib.import_module("toy_problems.scenes3d").problem(name)
     return importlib.import_module(f"toy_problems.{name}")
 
 

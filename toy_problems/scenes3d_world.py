@@ -296,7 +296,8 @@ def back_colour_scores(sample_obs, scenes_true, far_params, world=WORLD, thresho
           uniform, averaged over contexts (and spheres); compare with hidden_floor().
       sharp: the fraction of samples whose RMSE to the nearest palette render is below threshold.
       histogram (B, K): per context, the fraction of samples in each colour (mean over spheres);
-      histogram_per_sphere (B, M, K), rmse (B, n, M) to the nearest palette render, valid (B, M)
+      histogram_per_sphere (B, M, K), rmse (B, n, M) to the nearest palette render, nearest (B, n, M)
+      its palette index, valid (B, M)
       whether the back half of sphere m is in view (those that are not count nowhere).
     """
     K, M = len(world.palette), scenes_true["center"].shape[1]
@@ -316,7 +317,7 @@ def back_colour_scores(sample_obs, scenes_true, far_params, world=WORLD, thresho
     v = valid.float()
     return {"tv": ((tv * v).sum() / v.sum()).item(), "sharp": ((sharp * v).sum() / v.sum()).item(),
             "histogram": (hist * v[..., None]).sum(1) / v.sum(1, keepdim=True).clamp(min=1),
-            "histogram_per_sphere": hist, "rmse": best.sqrt(), "valid": valid}
+            "histogram_per_sphere": hist, "rmse": best.sqrt(), "nearest": nearest, "valid": valid}
 
 
 def hidden_floor(n_samples, n_contexts, generator, palette_size, n_repeats=500):

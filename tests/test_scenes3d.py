@@ -1,0 +1,142 @@
+"""The 3D problem's model at a tiny size: rendering patches, training steps of both scales, scores, pictures."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import dfm
+import metrics
+import toy_problems
+import train
+from toy_problems import scenes3d, scenes3d_eval, scenes3d_world
+
+TINY = dataclasses.replace(scenes3d.SETTINGS["scenes3d"], ch=8, feat=8, width=16, out_feat=4, n_samples=4,
+                           n_importance=4, patch=6, cond_size=8)
+
+
+def tiny_model(kind="dfm", setting=TINY):
+    torch.manual_seed(0)
+    return dfm.make_model(kind, scenes3d.make_denoiser(kind, setting), scenes3d.forward,
+                          obs_loss=lambda p, t: scenes3d.obs_loss(p, t, setting))
+
+
+def test_a_patch_renders_exactly_the_pixels_of_the_whole_image():
+    model = tiny_model().eval()
+    b = scenes3d.sample_batch(2, torch.Generator().manual_seed(0), setting=TINY)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():  # without gradients the samples along rays are not jittered: deterministic
+        signal = model.predict(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], t)
+        whole = scenes3d.forward(signal, b["trgt_params"])  # (B, 3, H, W)
+        patch = scenes3d.forward(signal, b["trgt_params"], pixels=b["pixels"])  # (B, 3, P)
+    assert whole.shape == (2, 3, 32, 32) and patch.shape == (2, 3, TINY.patch ** 2)
+    assert torch.allclose(patch, dfm.select_pixels(whole, b["pixels"]), atol=1e-5)
+    rows, cols = b["pixels"][0] // 32, b["pixels"][0] % 32  # a square patch, row by row
+    assert (rows.view(6, 6).diff(dim=0) == 1).all() and (cols.view(6, 6).diff(dim=1) == 1).all()
+
+
+@pytest.mark.parametrize("kind", ["dfm", "deterministic"])
+def test_one_training_step_reaches_every_weight(kind):
+    model = tiny_model(kind)
+    b = scenes3d.sample_batch(2, torch.Generator().manual_seed(0), setting=TINY)
+    loss = model(b)
+    loss.backward()
+    assert torch.isfinite(loss)
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+def test_the_denoiser_adds_the_conditioning_loss_and_depth_smoothness():
+    model = tiny_model()
+    b = scenes3d.sample_batch(2, torch.Generator().manual_seed(0), setting=TINY)
+    t = torch.tensor([3, 7])
+    signal = model.predict(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], t)
+    scenes3d.forward(signal, b["trgt_params"], pixels=b["pixels"])  # remembers the patch's depth
+    assert signal["patch"]["depth"].shape == (2, TINY.patch ** 2)
+    aux = model.denoiser.aux_loss(signal, b["trgt_obs"], b["trgt_params"])
+    aux.backward()
+    assert aux > 0 and model.denoiser.ctxt_encoder.out.weight.grad.abs().sum() > 0  # through the context-only field
+
+
+def test_edge_aware_smoothness_is_zero_for_flat_depth_and_forgives_image_edges():
+    flat, image = torch.full((1, 1, 4, 4), 2.0), torch.zeros(1, 3, 4, 4)
+    assert scenes3d.edge_aware_smoothness(flat, image) == 0
+    step = flat.clone()
+    step[..., 2:] = 4.0
+    edge = image.clone()
+    edge[..., 2:] = 2.0
+    assert scenes3d.edge_aware_smoothness(step, edge) < scenes3d.edge_aware_smoothness(step, image)
+
+
+def test_there_is_no_oracle_and_it_says_why():
+    with pytest.raises(ValueError, match="no oracle"):
+        scenes3d.make_denoiser("oracle")
+
+
+def test_lpips_joins_the_loss_on_patches_when_its_weights_load(monkeypatch):
+    # The wiring only: a random trunk (metrics.random_lpips), never used for a reported number.
+    monkeypatch.setattr(scenes3d, "lpips_or_none", lambda: metrics.random_lpips())
+    setting = dataclasses.replace(TINY, lpips=0.5)
+    pred = torch.rand(2, 3, 36, requires_grad=True)
+    target = torch.rand(2, 3, 36)
+    loss = scenes3d.obs_loss(pred, target, setting)
+    assert loss > torch.nn.functional.mse_loss(pred, target)
+    loss.backward()
+    assert pred.grad.abs().sum() > 0
+    monkeypatch.setattr(scenes3d, "lpips_or_none", lambda: None)  # unavailable: plain L2
+    assert scenes3d.obs_loss(pred, target, setting) == torch.nn.functional.mse_loss(pred, target)
+
+
+@pytest.mark.parametrize("name", ["scenes3d", "scenes3d-64"])
+def test_both_scales_train_through_train_py_with_bf16(name, tmp_path, monkeypatch):
+    """The GPU configuration (two spheres, LPIPS, bf16) runs unchanged at a tiny size on the CPU."""
+    big = scenes3d.SETTINGS[name]
+    shrunk = dataclasses.replace(TINY, world=dataclasses.replace(big.world, size=32), lpips=big.lpips)
+    monkeypatch.setitem(scenes3d.SETTINGS, name, shrunk)
+    monkeypatch.setattr(scenes3d, "lpips_or_none", lambda: metrics.random_lpips())  # wiring only
+    cfg = train.make_config(name, steps=2, batch_size=2, precision="bf16", eval_every=0, out_dir=str(tmp_path))
+    model, _ = train.train(cfg, progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))[0]["step"] == 2
+
+
+def test_sampling_gives_a_field_that_renders_from_any_camera():
+    model = tiny_model()
+    b = scenes3d.held_out_batch(2, setting=TINY)
+    signal = scenes3d_eval.sample_scenes(model, b, 2, torch.Generator().manual_seed(0), steps=2)
+    with torch.no_grad():  # renders for looking at, not training: no jitter along the rays
+        views = scenes3d_eval.render_at(scenes3d.forward, signal, 90.0, 4, TINY, "cpu")
+        assert views.shape == (4, 3, 32, 32) and views.abs().max() <= 1
+        again = scenes3d_eval.sample_scenes(model, b, 2, torch.Generator().manual_seed(0), steps=2)
+        assert torch.equal(scenes3d_eval.render_at(scenes3d.forward, again, 90.0, 4, TINY, "cpu"), views)  # seeded
+
+
+def test_evaluate_plot_and_animate_run_and_the_scores_are_in_range(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "load_lpips", lambda: (None, "LPIPS unavailable: not fetched in tests"))
+    model = tiny_model()
+    scores = scenes3d_eval.evaluate(model, n_contexts=2, n_samples=2, steps=2)
+    assert math.isnan(scores["lpips_context"])  # reported as unavailable, never made up
+    assert 0 <= scores["back_tv"] <= 0.75 and 0 <= scores["sharp"] <= 1 and 0 <= scores["consistent"] <= 1
+    assert scores["views"] > scores["views_floor"] >= 0  # an untrained model is far from the posterior
+    assert math.isfinite(scores["psnr_context"]) and math.isfinite(scores["psnr_near"])
+    scenes3d_eval.plot(model, tmp_path / "grid.png", n_contexts=1, n_samples=2, steps=2,
+                       compare=tiny_model("deterministic"))
+    scenes3d_eval.animate(model, tmp_path / "orbit.gif", n_samples=1, n_frames=2, steps=2)
+    assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "orbit.gif").stat().st_size > 0
+
+
+def test_memory_is_counted_from_what_autograd_saves(monkeypatch):
+    monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", TINY)
+    small = scenes3d_eval.memory_per_sample("scenes3d")
+    monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", dataclasses.replace(TINY, patch=12))
+    bigger_patch = scenes3d_eval.memory_per_sample("scenes3d")
+    assert small["weights"] == bigger_patch["weights"] > 0
+    assert bigger_patch["activations"] > 2 * small["activations"]  # 4x the patch pixels
+
+
+def test_the_three_problem_names_share_one_module():
+    problems = [toy_problems.load(n) for n in ("scenes3d", "scenes3d-64", "scenes3d-128")]
+    assert {p.forward for p in problems} == {scenes3d.forward}
+    assert [p.SETTING.world.size for p in problems] == [32, 64, 128]
+    assert problems[0].SETTING.world.n_spheres == 1 and problems[1].SETTING.world.n_spheres == 2
+    assert scenes3d_world.SCENE_BOX[0].shape == (3,)

@@ -1,0 +1,237 @@
+"""Scores and pictures of the 3D problem: model samples against the exact posterior, view by view.
+
+Sampling: the target camera is the one straight opposite the context camera, where the hidden
+back halves are in full view, so every sample has to commit to a back colour; the sampled
+scene is the field of the last denoising step (scenes3d.py), rendered from any camera.
+
+Scores (evaluate):
+- back_tv: total variation between each context's histogram of sampled back colours (seen
+  from the far side, classified against renders of the true geometry in every palette colour)
+  and the exact uniform one, with back_tv_floor, what exact samples of the same size score;
+  sharp: the fraction of samples within SHARP_RMSE of one palette colour (a blurry average
+  back is near none of them); consistent: how often two far-side views of one sample (at
+  +-30 degrees from straight opposite) agree on its back colour (3D consistency).
+- psnr_context, ssim_context, lpips_context: the render at the context camera against the
+  context image (everything there is determined by the context); psnr_near: renders 20
+  degrees to either side against the truth, on the pixels the context determines (all but
+  the true back halves).
+- views: energy distance between renders from a ring of cameras of model samples and of exact
+  posterior samples (rendered exactly), with views_floor for two exact sample sets.
+"""
+import math
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+import dfm
+import metrics
+from toy_problems import scenes3d_world as world_lib
+
+N_PROBES = 8  # ring cameras for the view energy distance
+NEAR_DEG = 20.0  # "close to the context view"
+
+
+def exact_posterior(ctxt_obs, ctxt_params, n_samples, generator, setting):
+    """Exact posterior scenes for contexts ctxt_obs (B, Nc, 3, H, W) (the first view is the context
+    camera's): a scenes dict with leading (B, n) (see scenes3d_world.exact_posterior_scenes)."""
+    return world_lib.exact_posterior_scenes(ctxt_obs[:, 0], n_samples, generator, setting.world)
+
+
+def cameras_at(degrees, n, setting, device):
+    """n copies of the camera at `degrees` of azimuth from the context camera: c2w (n, 4, 4), K (n, 3, 3)."""
+    azimuth = torch.full((n,), world_lib.CONTEXT_AZIMUTH + math.radians(degrees), device=device)
+    return world_lib.cameras(azimuth, world=setting.world)
+
+
+@torch.no_grad()
+def sample_scenes(model, batch, n_samples, generator, steps=50, **sample_kwargs):
+    """n_samples sampled fields per context, as one batched signal (B * n, the n of a context together)."""
+    model.eval()
+    B, Nc = batch["ctxt_obs"].shape[:2]
+    setting = model.denoiser.setting
+    far = cameras_at(180.0, B * n_samples, setting, batch["ctxt_obs"].device)
+    ctxt_obs, ctxt_params = dfm.repeat_batch(batch["ctxt_obs"], n_samples), dfm.repeat_batch(batch["ctxt_params"], n_samples)
+    signal, _ = model.sample(ctxt_obs, ctxt_params, far, steps=steps, generator=generator,
+                             obs_shape=batch["trgt_obs"].shape[1:], **sample_kwargs)
+    return signal
+
+
+def render_at(forward, signal, degrees, n, setting, device):
+    """The batched signal (n fields) rendered from the camera at `degrees`: (n, 3, H, W)."""
+    return forward(signal, cameras_at(degrees, n, setting, device))
+
+
+def evaluate(model, seed=0, n_contexts=8, n_samples=16, steps=50, **sample_kwargs):
+    """The scores of the module docstring (a dict), for held-out contexts of the model's setting."""
+    from toy_problems import scenes3d
+    setting, forward = model.denoiser.setting, scenes3d.forward
+    device = next(model.parameters()).device
+    batch = scenes3d.held_out_batch(n_contexts, seed, device, setting)
+    w, B, n = setting.world, n_contexts, n_samples
+    signal = sample_scenes(model, batch, n, torch.Generator(device=device).manual_seed(seed), steps, **sample_kwargs)
+    truth = batch["scenes"]
+    exact_a, exact_b = (exact_posterior(batch["ctxt_obs"], None, n, torch.Generator(device=device).manual_seed(seed + i),
+                                        setting) for i in (1, 2))
+
+    def flat(scenes):  # leading (B, n) -> (B * n)
+        return {k: v.flatten(0, 1) for k, v in scenes.items()}
+
+    scores = {}
+    with torch.no_grad():
+        # the hidden half, from the three far-side cameras
+        far = {deg: render_at(forward, signal, deg, B * n, setting, device).view(B, n, 3, w.size, w.size)
+               for deg in world_lib.FAR_SIDE_DEG}
+        results = {deg: world_lib.back_colour_scores(far[deg], truth, cameras_at(deg, B, setting, device), w)
+                   for deg in world_lib.FAR_SIDE_DEG}
+        straight = results[180.0]
+        scores["back_tv"] = straight["tv"]
+        scores["back_tv_floor"] = world_lib.hidden_floor(n, B * w.n_spheres, torch.Generator().manual_seed(seed),
+                                                         len(w.palette))
+        scores["sharp"] = straight["sharp"]
+        both = results[150.0]["valid"] & results[210.0]["valid"]  # (B, M)
+        agree = (results[150.0]["nearest"] == results[210.0]["nearest"]).float()  # (B, n, M)
+        scores["consistent"] = (agree * both[:, None]).sum().item() / max(1, n * both.sum().item())
+        # the seen part
+        ctxt_view = render_at(forward, signal, 0.0, B * n, setting, device)  # (B*n, 3, H, W)
+        context = batch["ctxt_obs"][:, 0].repeat_interleave(n, dim=0)
+        scores["psnr_context"] = metrics.psnr(ctxt_view, context).mean().item()
+        scores["ssim_context"] = metrics.ssim(ctxt_view, context).mean().item()
+        lpips_model, _ = metrics.load_lpips()
+        scores["lpips_context"] = (metrics.lpips_distance(lpips_model.to(device), ctxt_view, context).mean().item()
+                                   if lpips_model is not None else math.nan)
+        near = []
+        for deg in (-NEAR_DEG, NEAR_DEG):
+            params = cameras_at(deg, B, setting, device)
+            true_view = world_lib.render_scenes(truth, params, w).repeat_interleave(n, dim=0)
+            parts = world_lib.render_parts(truth, params, w).repeat_interleave(n, dim=0)  # (B*n, H, W)
+            determined = (parts < 2) | (parts % 2 == 1)  # sky, ground and front halves
+            near.append(metrics.psnr(render_at(forward, signal, deg, B * n, setting, device), true_view, determined))
+        scores["psnr_near"] = torch.cat(near).mean().item()
+        # the whole distribution, from a ring of cameras
+        ring = [k * 360.0 / N_PROBES for k in range(N_PROBES)]
+        model_views = torch.stack([render_at(forward, signal, d, B * n, setting, device) for d in ring], 1)
+        exact_views = [torch.stack([world_lib.render_scenes(flat(e), cameras_at(d, B * n, setting, device), w)
+                                    for d in ring], 1) for e in (exact_a, exact_b)]
+        views = [v.reshape(B, n, -1) for v in (model_views, *exact_views)]
+        scores["views"] = dfm.energy_distance(views[0], views[1]).mean().item()
+        scores["views_floor"] = dfm.energy_distance(views[2], views[1]).mean().item()
+    return scores
+
+
+def to_image(obs):
+    return ((obs.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None):
+    """For each context: the context image, then exact posterior samples, model samples (and, if
+    given, a comparison model's prediction), each seen from straight opposite, from the side, and
+    as a depth map from straight opposite."""
+    from toy_problems import scenes3d
+    setting = model.denoiser.setting
+    device = next(model.parameters()).device
+    w, B = setting.world, n_contexts
+    batch = scenes3d.held_out_batch(B, seed, device, setting)
+    models = [(model.kind, model, n_samples)] + ([(compare.kind + " ", compare, 1)] if compare is not None else [])
+    n_exact = 2
+    exact = exact_posterior(batch["ctxt_obs"], None, n_exact, torch.Generator(device=device).manual_seed(seed), setting)
+    exact = {k: v.flatten(0, 1) for k, v in exact.items()}
+    columns = [("context", None)] + [("exact", i) for i in range(n_exact)]
+    rendered = {}
+    for name, m, n in models:
+        signal = sample_scenes(m, batch, n, torch.Generator(device=device).manual_seed(seed), steps)
+        for deg in (180.0, 90.0):
+            rendered[name, deg] = scenes3d.forward(signal, cameras_at(deg, B * n, setting, device)).view(B, n, 3, w.size, w.size)
+        depth = scenes3d.render_pixels(signal, cameras_at(180.0, B * n, setting, device))["depth"]
+        rendered[name, "depth"] = depth.view(B, n, w.size, w.size)
+        columns += [(name, i) for i in range(n)]
+    for deg in (180.0, 90.0):
+        rendered["exact", deg] = world_lib.render_scenes(exact, cameras_at(deg, B * n_exact, setting, device), w).view(
+            B, n_exact, 3, w.size, w.size)
+    fig, axes = plt.subplots(3 * B, len(columns), figsize=(1.2 * len(columns), 3.6 * B), squeeze=False)
+    for i in range(B):
+        for j, (name, k) in enumerate(columns):
+            top, side, bottom = axes[3 * i, j], axes[3 * i + 1, j], axes[3 * i + 2, j]
+            if name == "context":
+                top.imshow(to_image(batch["ctxt_obs"][i, 0]))
+                side.imshow(to_image(world_lib.render_scenes({kk: v[i:i + 1] for kk, v in batch["scenes"].items()},
+                                                             cameras_at(180.0, 1, setting, device), w)[0]))
+                top.set_ylabel("context", fontsize=7), side.set_ylabel("truth, opposite", fontsize=7)
+            else:
+                top.imshow(to_image(rendered[name, 180.0][i, k]))
+                side.imshow(to_image(rendered[name, 90.0][i, k]))
+                if (name, "depth") in rendered:
+                    bottom.imshow(rendered[name, "depth"][i, k].cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+            if i == 0:
+                top.set_title(name, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    fig.suptitle("3D scenes from one image. Each column after the first is one scene: seen from straight opposite\n"
+                 "the context camera (where its hidden back is), from the side (90 deg), and its depth from opposite",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def animate(model, path, seed=0, n_samples=3, n_frames=24, steps=50, compare=None):
+    """A GIF of a camera orbiting sampled scenes of one held-out context (and a comparison model's), with the truth."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    from toy_problems import scenes3d
+    setting = model.denoiser.setting
+    device = next(model.parameters()).device
+    w = setting.world
+    batch = scenes3d.held_out_batch(1, seed, device, setting)
+    orbit = world_lib.orbit_cameras(n_frames, w, device)  # (F, ...)
+    panels = [("truth", world_lib.render_scenes({k: v.expand(n_frames, *v.shape[1:]) for k, v in batch["scenes"].items()},
+                                                orbit, w))]
+    for m, n in [(model, n_samples)] + ([(compare, 1)] if compare is not None else []):
+        signal = sample_scenes(m, batch, n, torch.Generator(device=device).manual_seed(seed), steps)
+        for i in range(n):
+            one = {**signal, "views": {k: v[i:i + 1].expand(n_frames, *v.shape[1:]) for k, v in signal["views"].items()}}
+            panels.append((f"{m.kind} {i + 1}" if n > 1 else m.kind, scenes3d.forward(one, orbit)))  # (F, 3, H, W)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels), 1.9), squeeze=False)
+    images = []
+    for ax, (name, frames) in zip(axes[0], panels):
+        images.append(ax.imshow(to_image(frames[0])))
+        ax.set_title(name, fontsize=7), ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+
+    def frame(f):
+        for image, (_, frames) in zip(images, panels):
+            image.set_data(to_image(frames[f]))
+        return images
+
+    FuncAnimation(fig, frame, frames=n_frames, blit=True).save(path, writer=PillowWriter(fps=8))
+    plt.close(fig)
+
+
+def memory_per_sample(name, precision="fp32", seed=0):
+    """Training memory of one example (batch 1) of problem `name`, in bytes, counted on any device:
+    parameters, gradients, Adam's two moments and the EMA copy (5 x the parameters), plus every
+    tensor autograd saves for the backward pass of one training step (distinct storages, counted
+    once). Returns dict(weights=..., activations=..., total=...)."""
+    import toy_problems
+    problem = toy_problems.load(name)
+    torch.manual_seed(seed)
+    model = dfm.make_model("dfm", problem.make_denoiser("dfm"), problem.forward, obs_loss=problem.obs_loss)
+    batch = problem.sample_batch(1, torch.Generator().manual_seed(seed))
+    weights = 5 * sum(p.numel() * p.element_size() for p in model.parameters())
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(batch)
+    loss.backward()
+    activations = sum(storages.values())
+    return {"weights": weights, "activations": activations, "total": weights + activations}
