@@ -18,6 +18,8 @@ import platform
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
+
 import torch
 
 import dfm

@@ -15,6 +15,8 @@ import inspect
 import os
 import sys
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
+
 import torch
 from tqdm import tqdm
 

@@ -28,6 +28,8 @@ import time
 import zipfile
 from dataclasses import dataclass
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
