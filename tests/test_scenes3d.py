@@ -140,3 +140,22 @@ def test_the_three_problem_names_share_one_module():
     assert [p.SETTING.world.size for p in problems] == [32, 64, 128]
     assert problems[0].SETTING.world.n_spheres == 1 and problems[1].SETTING.world.n_spheres == 2
     assert scenes3d_world.SCENE_BOX[0].shape == (3,)
+
+
+def test_scenes3d_notebook_runs_top_to_bottom(run_notebook):
+    run_notebook("scenes3d.ipynb")
+
+
+def test_sample_py_writes_a_grid_and_an_orbit_per_context_with_the_comparison_model(tmp_path, monkeypatch):
+    import sample
+    monkeypatch.setattr(metrics, "load_lpips", lambda: (None, "LPIPS unavailable: not fetched in tests"))
+    monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", TINY)
+    for kind in ("dfm", "deterministic"):
+        cfg = train.make_config("scenes3d", model=kind, steps=1, batch_size=1, out_dir=str(tmp_path / kind))
+        train.train(cfg, progress=False)
+    monkeypatch.setattr("sys.argv", ["sample.py", str(tmp_path / "dfm" / "ckpt.pt"), "--compare",
+                                     str(tmp_path / "deterministic" / "ckpt.pt"), "--n-contexts", "1",
+                                     "--n-samples", "2", "--steps", "2"])
+    sample.main()
+    assert (tmp_path / "dfm" / "samples.png").exists()
+    assert all((tmp_path / "dfm" / f"samples-{i}.gif").exists() for i in range(3))

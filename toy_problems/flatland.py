@@ -271,11 +271,13 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50):
     plt.close(fig)
 
 
-def animate(model, path, seed=0, n_frames=36, steps=50):
-    """A GIF of a camera going around one sampled scene: the scene from above and the camera's 1D view."""
+def animate(model, path, seed=0, index=0, n_frames=36, steps=50):
+    """A GIF of a camera going around one sampled scene (for held-out context `index`): the scene from
+    above and the camera's 1D view."""
     from matplotlib.animation import FuncAnimation, PillowWriter
     device = next(model.parameters()).device
-    batch = held_out_batch(1, seed, device)
+    batch = held_out_batch(index + 1, seed, device)
+    batch = {k: ({kk: vv[index:] for kk, vv in v.items()} if isinstance(v, dict) else v[index:]) for k, v in batch.items()}
     signal = draw_samples(model, batch, 1, torch.Generator(device=device).manual_seed(seed), steps)[0]  # (1, 4, G, G)
     angles = CONTEXT_ANGLE + torch.arange(n_frames) * 2 * math.pi / n_frames
     params = {k: v.to(device) for k, v in cameras(angles).items()}

@@ -179,14 +179,16 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None)
 
 
 @torch.no_grad()
-def animate(model, path, seed=0, n_samples=3, n_frames=24, steps=50, compare=None):
-    """A GIF of a camera orbiting sampled scenes of one held-out context (and a comparison model's), with the truth."""
+def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, compare=None):
+    """A GIF of a camera orbiting sampled scenes of held-out context `index` (the contexts of plot()),
+    with the true scene and, if given, a comparison model's prediction."""
     from matplotlib.animation import FuncAnimation, PillowWriter
     from toy_problems import scenes3d
     setting = model.denoiser.setting
     device = next(model.parameters()).device
     w = setting.world
-    batch = scenes3d.held_out_batch(1, seed, device, setting)
+    batch = scenes3d.held_out_batch(index + 1, seed, device, setting)
+    batch = {k: ({kk: vv[index:] for kk, vv in v.items()} if isinstance(v, dict) else v[index:]) for k, v in batch.items()}
     orbit = world_lib.orbit_cameras(n_frames, w, device)  # (F, ...)
     panels = [("truth", world_lib.render_scenes({k: v.expand(n_frames, *v.shape[1:]) for k, v in batch["scenes"].items()},
                                                 orbit, w))]
