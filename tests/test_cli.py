@@ -183,13 +183,14 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_how_to_resume(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_under_torchrun_a_bad_option_is_reported_once(tmp_path):
     out = subprocess.run(["torchrun", "--nproc_per_node=2", "train.py", "--problem", "gp1d", "--batch-size", "3",
-                          "--device", "cpu", "--out-dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--device", "cpu", "--out-dir", str(tmp_path / "run")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})  # torchrun's own temp files go there too
     assert out.returncode != 0
     message = "error: --batch-size must be an integer >= 1 divisible by the number of processes (2), got 3"
     assert (out.stdout + out.stderr).count(message) == 1
     assert 'train.py", line' not in out.stderr  # no traceback through train.py (torchrun adds its own report)
-    assert os.listdir(tmp_path) == []
+    assert not os.path.exists(tmp_path / "run")  # nothing created before the options were checked
 
 
 def options_and_their_help(help_text):

@@ -88,7 +88,8 @@ def test_missing_and_corrupt_checkpoints_are_reported(tmp_path):
 def test_torchrun_with_two_processes(tmp_path):
     out = subprocess.run(["torchrun", "--nproc_per_node=2", "train.py", "--steps", "4", "--batch-size", "8",
                           "--out-dir", str(tmp_path), "--no-progress", "--device", "cpu"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})  # torchrun's own temp files go there too
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt, cfg = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 4 and cfg.batch_size == 8
