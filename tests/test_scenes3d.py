@@ -159,3 +159,24 @@ def test_sample_py_writes_a_grid_and_an_orbit_per_context_with_the_comparison_mo
     sample.main()
     assert (tmp_path / "dfm" / "samples.png").exists()
     assert all((tmp_path / "dfm" / f"samples-{i}.gif").exists() for i in range(3))
+
+
+def test_autoregressive_sampling_adds_each_sampled_view_to_the_context():
+    model = tiny_model()
+    b = scenes3d.held_out_batch(1, setting=TINY)
+    targets = [scenes3d_eval.cameras_at(deg, 1, TINY, "cpu") for deg in (120.0, 240.0)]
+    signal, views = model.sample_autoregressive(b["ctxt_obs"], b["ctxt_params"], targets, steps=2, generator=0)
+    assert views.shape == (1, 2, 3, 32, 32)
+    assert signal["views"]["feats"].shape[1] == 3  # the last field: the context, the first sampled view, the target
+
+
+@pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not on PATH")
+def test_the_3d_problem_trains_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(["torchrun", "--nproc_per_node=2", "train.py", "--problem", "scenes3d", "--steps", "1",
+                          "--batch-size", "2", "--out-dir", str(tmp_path / "run"), "--no-progress", "--device", "cpu"],
+                         cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert train.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))[0]["step"] == 1
