@@ -91,6 +91,7 @@ def main():
     parser.add_argument("--figures", default=os.path.join("out", "bench3d", "figures"),
                         help="figures go here (default out/bench3d/figures; the README's are in assets/)")
     parser.add_argument("--memory-only", action="store_true", help="only print the memory table")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory table (it takes minutes on a CPU)")
     parser.add_argument("--export", metavar="DIR", help="also save each model's EMA weights, small enough to commit, "
                         "as DIR/<problem>-<model>.pt (the 3D notebook loads notebooks/scenes3d-*.pt)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -131,7 +132,8 @@ def main():
         print("| floor (exact vs exact) | " + " | ".join(f"{floor[c]:.4f}" if c in floor else "-" for c in columns) + " |")
         _, message = scenes3d_eval.metrics.load_lpips()
         print(f"LPIPS: {message}")
-    memory_table()
+    if not args.no_memory:
+        memory_table()
 
 
 if __name__ == "__main__":

