@@ -59,6 +59,11 @@ def _map_params(fn, params):
     return {k: fn(v) for k, v in params.items()} if isinstance(params, dict) else fn(params)
 
 
+def map_batch(fn, batch):
+    """Apply fn to every tensor of a batch dict whose values are tensors or dicts of tensors (cameras)."""
+    return {k: _map_params(fn, v) for k, v in batch.items()}
+
+
 def _first_tensor(params):
     return next(iter(params.values())) if isinstance(params, dict) else params
 
@@ -291,16 +296,20 @@ class Deterministic(DFM):
 
     kind = "deterministic"
 
+    def _blank(self, ctxt_obs, obs_shape):
+        """The denoiser's inputs for a prediction from the context alone: an all-zero target at t = T-1."""
+        B = ctxt_obs.shape[0]
+        return (torch.zeros(B, *obs_shape, device=ctxt_obs.device),
+                torch.full((B,), self.timesteps - 1, device=ctxt_obs.device, dtype=torch.long))
+
     def _regress(self, ctxt_obs, ctxt_params, trgt_params, obs_shape):
-        blank = torch.zeros(ctxt_obs.shape[0], *obs_shape, device=ctxt_obs.device)
-        t = torch.full((ctxt_obs.shape[0],), self.timesteps - 1, device=ctxt_obs.device, dtype=torch.long)
+        blank, t = self._blank(ctxt_obs, obs_shape)
         return self.denoise(ctxt_obs, ctxt_params, blank, trgt_params, t)
 
     def loss(self, ctxt_obs, ctxt_params, trgt_obs, trgt_params, novel_obs=None, novel_params=None,
              pixels=None, novel_pixels=None):
         _check_context(ctxt_obs, ctxt_params, trgt_params)
-        blank = torch.zeros_like(trgt_obs)
-        t = torch.full((trgt_obs.shape[0],), self.timesteps - 1, device=trgt_obs.device, dtype=torch.long)
+        blank, t = self._blank(ctxt_obs, trgt_obs.shape[1:])
         signal = self.predict(ctxt_obs, ctxt_params, blank, trgt_params, t)
         return self.signal_loss(signal, trgt_obs, trgt_params, novel_obs, novel_params, pixels, novel_pixels)
 

@@ -68,8 +68,7 @@ def sample_batch(batch_size, generator, device="cpu"):
                  ctxt_params=ctxt_params, trgt_obs=render_discs(discs, trgt_params), trgt_params=trgt_params,
                  novel_obs=render_discs(discs, novel_params), novel_params=novel_params,
                  signal=rasterize(discs))
-    return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
-            for k, v in batch.items()}
+    return dfm.map_batch(lambda v: v.to(device), batch)
 
 
 def held_out_batch(n_contexts, seed=0, device="cpu"):
@@ -277,7 +276,7 @@ def animate(model, path, seed=0, index=0, n_frames=36, steps=50):
     from matplotlib.animation import FuncAnimation, PillowWriter
     device = next(model.parameters()).device
     batch = held_out_batch(index + 1, seed, device)
-    batch = {k: ({kk: vv[index:] for kk, vv in v.items()} if isinstance(v, dict) else v[index:]) for k, v in batch.items()}
+    batch = dfm.map_batch(lambda v: v[index:], batch)
     signal = draw_samples(model, batch, 1, torch.Generator(device=device).manual_seed(seed), steps)[0]  # (1, 4, G, G)
     angles = CONTEXT_ANGLE + torch.arange(n_frames) * 2 * math.pi / n_frames
     params = {k: v.to(device) for k, v in cameras(angles).items()}

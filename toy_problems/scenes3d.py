@@ -94,11 +94,9 @@ def sample_batch(batch_size, generator, device="cpu", setting=SETTINGS["scenes3d
                  trgt_obs=world_lib.render_scenes(scenes, trgt_params, w), trgt_params=trgt_params,
                  novel_obs=world_lib.render_scenes(scenes, novel_params, w), novel_params=novel_params,
                  pixels=random_patches(batch_size, w.size, setting.patch, generator),
-                 novel_pixels=random_patches(batch_size, w.size, setting.patch, generator))
-    batch = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
-             for k, v in batch.items()}
-    batch["scenes"] = {k: v.to(device) for k, v in scenes.items()}  # the truth, for scoring only
-    return batch
+                 novel_pixels=random_patches(batch_size, w.size, setting.patch, generator),
+                 scenes=scenes)  # the truth, for scoring only
+    return dfm.map_batch(lambda v: v.to(device), batch)
 
 
 def random_patches(batch_size, size, patch, generator):

@@ -188,7 +188,7 @@ def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, co
     device = next(model.parameters()).device
     w = setting.world
     batch = scenes3d.held_out_batch(index + 1, seed, device, setting)
-    batch = {k: ({kk: vv[index:] for kk, vv in v.items()} if isinstance(v, dict) else v[index:]) for k, v in batch.items()}
+    batch = dfm.map_batch(lambda v: v[index:], batch)
     orbit = world_lib.orbit_cameras(n_frames, w, device)  # (F, ...)
     panels = [("truth", world_lib.render_scenes({k: v.expand(n_frames, *v.shape[1:]) for k, v in batch["scenes"].items()},
                                                 orbit, w))]
