@@ -20,6 +20,7 @@ is the checkpoint's, and asking for another value is an error.
 import argparse
 import copy
 import dataclasses
+import inspect
 import os
 import signal
 import sys
@@ -53,6 +54,11 @@ class Config:
     ema_decay: float = 0.995  # EMA of the weights, used for sampling
     timesteps: int = 1000  # diffusion steps T
     ctxt_drop_prob: float = 0.0  # probability of hiding the context, for classifier-free guidance
+    contexts: int = 0  # context views per example drawn from 1..contexts each step (0 = the problem's own rule)
+    signals: int = 0  # train on a fixed data set of this many signals (0 = a new signal for every example)
+    views: int = 0  # observations of each signal in that data set (0 with signals = 0)
+    forward_error: str = "none"  # train and sample with a forward model unlike the data's: one of the problem's FORWARD_ERRORS
+    forward_error_size: float = 0.0  # how far off that forward model is
     precision: str = "auto"  # fp32 | bf16 (autocast; compositing stays float32) | auto = bf16 on a GPU, fp32 on the CPU
     eval_every: int = 1000  # steps between quick evaluations against the exact posterior (0 = never)
     ckpt_every: int = 500  # steps between checkpoints
@@ -63,8 +69,10 @@ class Config:
     def validate(self, world=1):
         """A ValueError naming the option and what it allows, for any setting that cannot work
         (world: the number of processes). Every comparison with NaN is False, so NaN fails too."""
+        if self.problem not in toy_problems.PROBLEMS:
+            raise ValueError(f"--problem must be one of {', '.join(toy_problems.PROBLEMS)}, got {self.problem!r}")
+        problem = toy_problems.load(self.problem)
         rules = [
-            ("problem", self.problem in toy_problems.PROBLEMS, "one of " + ", ".join(toy_problems.PROBLEMS)),
             ("model", self.model in MODELS, "one of " + ", ".join(MODELS)),
             ("steps", 1 <= self.steps <= 2 ** toy_problems.STEP_BITS, "an integer >= 1"),
             ("batch_size", self.batch_size >= 1 and self.batch_size % world == 0,
@@ -76,6 +84,17 @@ class Config:
             ("timesteps", self.timesteps >= 1, "an integer >= 1"),
             ("ctxt_drop_prob", 0 <= self.ctxt_drop_prob < 1, "in [0, 1)"),
             ("precision", self.precision in ("fp32", "bf16", "auto"), "fp32, bf16 or auto"),
+            ("contexts", self.contexts == 0 or (self.contexts >= 1 and self.signals == 0 and
+                                               "n_ctxt" in inspect.signature(problem.sample_batch).parameters),
+             "0 (the problem's rule), or >= 1 for gp1d and flatland without --signals"),
+            ("signals", self.signals == 0 or (self.signals >= 1 and hasattr(problem, "sample_views")),
+             "0 (a new signal every time), or >= 1 for gp1d and flatland"),
+            ("views", self.views == 0 if self.signals == 0 else self.views >= 2,
+             "0 without --signals, and >= 2 with it (a context and a target)"),
+            ("forward_error", self.forward_error in ("none", *getattr(problem, "FORWARD_ERRORS", ())),
+             "none, or for this problem one of: " + (", ".join(getattr(problem, "FORWARD_ERRORS", ())) or "(none)")),
+            ("forward_error_size", self.forward_error_size == 0 or self.forward_error != "none",
+             "0 with --forward-error none"),
             ("eval_every", self.eval_every >= 0, "an integer >= 0 (0 = never)"),
             ("ckpt_every", self.ckpt_every >= 1, "an integer >= 1"),
             ("seed", 0 <= self.seed < 2 ** toy_problems.SEED_BITS, f"in [0, 2^{toy_problems.SEED_BITS})"),
@@ -83,6 +102,8 @@ class Config:
         for name, ok, allowed in rules:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}")
+        if self.forward_error != "none":
+            problem.forward_with_error(self.forward_error, self.forward_error_size)  # its own check of the size
         check_device(self.device)
 
 
@@ -125,9 +146,23 @@ def check_device(device):
 
 
 def build_model(cfg):
+    """The model of a config; with --forward-error its forward model is not the one that made the data."""
     problem = toy_problems.load(cfg.problem)
-    return dfm.make_model(cfg.model, problem.make_denoiser(cfg.model), problem.forward, cfg.timesteps,
+    forward = (problem.forward if cfg.forward_error == "none" else
+               problem.forward_with_error(cfg.forward_error, cfg.forward_error_size))
+    return dfm.make_model(cfg.model, problem.make_denoiser(cfg.model), forward, cfg.timesteps,
                           ctxt_drop_prob=cfg.ctxt_drop_prob)
+
+
+def training_batch(problem, cfg, views, generator, batch_size, device):
+    """The batch of one step: from the fixed data set `views` if the run has one (--signals), else
+    new signals from the prior, with 1..cfg.contexts context views if that is set."""
+    if views is not None:
+        return problem.finite_batch(views, batch_size, generator, device)
+    if cfg.contexts:
+        n_ctxt = int(torch.randint(1, cfg.contexts + 1, (), generator=generator))
+        return problem.sample_batch(batch_size, generator, device, n_ctxt=n_ctxt)
+    return problem.sample_batch(batch_size, generator, device)
 
 
 @torch.no_grad()
@@ -224,6 +259,8 @@ def train(cfg, resume=None, progress=True):
         if cfg.device == "cuda":
             cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     problem = toy_problems.load(cfg.problem)
+    views = (problem.sample_views(cfg.signals, cfg.views, torch.Generator().manual_seed(toy_problems.dataset_seed(cfg.seed)))
+             if cfg.signals else None)  # the fixed data set, the same on every process and on resume
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build_model(cfg).to(device)
@@ -268,7 +305,7 @@ def train(cfg, resume=None, progress=True):
             seed = toy_problems.stream_seed("train", cfg.seed, step, rank)  # this step's randomness, see the docstring
             torch.manual_seed(seed)
             generator = toy_problems.train_generator(cfg.seed, step, rank)
-            batch = problem.sample_batch(cfg.batch_size // world, generator, device)
+            batch = training_batch(problem, cfg, views, generator, cfg.batch_size // world, device)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
             with autocast:
@@ -323,6 +360,16 @@ HELP = {
     "ema_decay": "decay per step of the EMA of the weights that sampling uses, in [0, 1)",
     "timesteps": "diffusion steps T of the noise schedule",
     "ctxt_drop_prob": "probability of hiding an example's context, in [0, 1); > 0 allows sample.py --guidance",
+    "contexts": "train with 1..N context views per example, N drawn each step (gp1d, flatland); 0 = the "
+                "problem's own rule (gp1d 1..4, the others 1)",
+    "signals": "train on a fixed data set of this many signals drawn once from the prior (gp1d, flatland); "
+               "0 = a new signal for every example",
+    "views": "observations of each signal in that data set, >= 2 with --signals (flatland: the context "
+             "camera's and views-1 random ones)",
+    "forward_error": "train and sample with a forward model that differs from the one that made the data: "
+                     "gp1d shift or blur, flatland focal or pose, motion nearest (see each forward_with_error)",
+    "forward_error_size": "how far off: gp1d shift in points, blur its sd in points; flatland a relative "
+                          "error; motion the share of nearest-neighbour interpolation",
     "precision": "fp32, bf16 (autocast; compositing stays float32) or auto (bf16 on a GPU, fp32 on the CPU)",
     "eval_every": "steps between quick scores against the exact posterior, printed (0 = never)",
     "ckpt_every": "steps between checkpoints (one is also written at the end, and on Ctrl-C)",

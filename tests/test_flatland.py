@@ -323,9 +323,11 @@ def test_an_untrained_model_scores_far_above_the_floor_and_pictures_are_written(
     torch.manual_seed(0)
     model = dfm.make_model("dfm", flatland.make_denoiser("dfm"), flatland.forward)  # untrained: grey fog
     scores = flatland.evaluate(model, n_contexts=3, n_samples=16, steps=2)
-    assert set(scores) == {"views", "views_floor", "position", "position_floor", "psnr", "psnr_exact"}
+    assert set(scores) == {"views", "views_floor", "position", "position_floor", "psnr", "psnr_exact",
+                           "spread", "spread_exact"}
     assert scores["views"] > 5 * scores["views_floor"] and scores["position"] > 3 * scores["position_floor"]
     assert scores["psnr_exact"] > scores["psnr"]
+    assert scores["spread"] < 0.5 * scores["spread_exact"]  # grey fog: every sample looks alike
     flatland.plot(model, tmp_path / "flatland.png", n_contexts=2, n_samples=2, steps=2)
     flatland.animate(model, tmp_path / "flatland.gif", n_frames=4, steps=2)
     assert (tmp_path / "flatland.png").stat().st_size > 0 and (tmp_path / "flatland.gif").stat().st_size > 0

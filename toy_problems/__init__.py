@@ -15,7 +15,13 @@ treat them alike:
     exact_posterior(ctxt_obs, ctxt_params, n_samples, generator) -> (B, n_samples, *signal_shape)
     evaluate(model, seed=0, n_contexts=..., n_samples=..., steps=...) -> dict of scores
     plot(model, path, seed=0)          saves a PNG figure of samples against the exact posterior
-(the model knows what it is: model.kind).
+(the model knows what it is: model.kind). Some problems also have the parts that the studies
+of study.py need:
+    sample_batch(..., n_ctxt=k)           exactly k context views (train.py --contexts)
+    sample_views(n_signals, n_views, generator), finite_batch(views, batch_size, generator, device)
+                                         a fixed, finite data set (train.py --signals, --views)
+    FORWARD_ERRORS, forward_with_error(kind, size)
+                                         a forward model that differs from the data's (train.py --forward-error)
 
 Random streams. Training step k on process r of a run with seed s draws its data from
 train_generator(s, k, r); evaluation draws from held_out_generator(s). The two are seeded
@@ -57,6 +63,14 @@ def stream_seed(stream, seed, step=0, rank=0):
     return (((seed << STEP_BITS | step) << RANK_BITS | rank) << 1) | streams[stream]
 
 
+def dataset_seed(seed):
+    """The seed of a run's fixed, finite training set (train.py --signals): bit 63 set, above
+    every packed seed of stream_seed, so it is neither a training step's nor a held-out seed."""
+    if not 0 <= seed < 2 ** SEED_BITS:
+        raise ValueError(f"seed must be in [0, 2^{SEED_BITS}), got {seed}")
+    return 1 << 63 | seed
+
+
 def train_generator(seed, step, rank=0):
     """The generator of training step `step` on process `rank`."""
     return torch.Generator().manual_seed(stream_seed("train", seed, step, rank))
@@ -65,3 +79,40 @@ def train_generator(seed, step, rank=0):
 def held_out_generator(seed):
     """The generator of a problem's held-out evaluation contexts."""
     return torch.Generator().manual_seed(stream_seed("held_out", seed))
+
+
+def finite_batch(views, batch_size, generator, n_ctxt=1, fixed_context=False, device="cpu"):
+    """A training batch drawn from a fixed data set of S signals, each seen in V views.
+
+    views: dict(signal (S, *signal_shape), obs (S, V, *obs_shape), params (S, V, ...) a tensor
+    or a dict of tensors), as a problem's sample_views returns it. Each example takes one of the
+    S signals uniformly and a random order of its V views: the first n_ctxt are the context,
+    the next one the target, and the one after that the novel view if the signal has one left
+    (with V = n_ctxt + 1 it has not, and the batch has no novel view: the loss can then only
+    ask the signal to explain views that the context already shows, or the one target).
+    fixed_context: view 0 is always the context (flatland's context camera never moves).
+    """
+    S, V = views["obs"].shape[:2]
+    if V < n_ctxt + 1:
+        raise ValueError(f"{n_ctxt} context view(s) and a target need at least {n_ctxt + 1} views per signal, got {V}")
+    if fixed_context and n_ctxt != 1:
+        raise ValueError(f"fixed_context means one context view (view 0), got n_ctxt={n_ctxt}")
+    which = torch.randint(0, S, (batch_size,), generator=generator)  # (B,)
+    order = torch.rand(batch_size, V, generator=generator).argsort(dim=1)  # (B, V) a random order of the views
+    if fixed_context:  # view 0 first, the others in random order
+        order = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), 1 + order[:, 1:].argsort(dim=1)], dim=1)
+
+    def take(first, count, squeeze=False):  # views order[:, first:first + count] of each example's signal
+        rows, cols = which[:, None], order[:, first:first + count]  # (B, 1), (B, count)
+        pick = (lambda v: v[rows, cols][:, 0]) if squeeze else (lambda v: v[rows, cols])
+        return pick(views["obs"]), (({k: pick(v) for k, v in views["params"].items()})
+                                    if isinstance(views["params"], dict) else pick(views["params"]))
+
+    ctxt_obs, ctxt_params = take(0, n_ctxt)  # (B, Nc, ...)
+    trgt_obs, trgt_params = take(n_ctxt, 1, squeeze=True)  # (B, ...)
+    batch = dict(ctxt_obs=ctxt_obs, ctxt_params=ctxt_params, trgt_obs=trgt_obs, trgt_params=trgt_params,
+                 signal=views["signal"][which])
+    if V > n_ctxt + 1:
+        batch["novel_obs"], batch["novel_params"] = take(n_ctxt + 1, 1, squeeze=True)
+    return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in batch.items()}

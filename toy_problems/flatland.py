@@ -58,22 +58,79 @@ def forward(signal, params, n_samples=N_SAMPLES):
     return 2 * out["rgb"].transpose(1, 2) - 1  # (B, 3, W)
 
 
-def sample_batch(batch_size, generator, device="cpu"):
-    """Scenes from the prior, seen from the context camera and from two random cameras (target, novel)."""
+def render_views(discs, params):
+    """Exact views of scenes from several cameras each: discs (B, M, 6), params dict of (B, V, ...) -> (B, V, 3, W)."""
+    return torch.stack([render_discs(discs, {k: v[:, i] for k, v in params.items()})
+                        for i in range(params["K"].shape[1])], dim=1)
+
+
+def sample_batch(batch_size, generator, device="cpu", n_ctxt=1):
+    """Scenes from the prior, seen from the context camera and from two random cameras (target, novel).
+
+    n_ctxt > 1 adds context views from random cameras (drawn after everything else, so the
+    scenes, targets and first context view are the same for every n_ctxt).
+    """
     discs = sample_discs(batch_size, generator)  # (B, M, 6)
     angles = torch.rand(batch_size, 2, generator=generator) * 2 * math.pi  # target, novel
-    ctxt_params = cameras(torch.full((batch_size, 1), CONTEXT_ANGLE))  # (B, 1, ...)
+    ctxt_angles = torch.cat([torch.full((batch_size, 1), CONTEXT_ANGLE),
+                             torch.rand(batch_size, n_ctxt - 1, generator=generator) * 2 * math.pi], dim=1)
+    ctxt_params = cameras(ctxt_angles)  # (B, Nc, ...)
     trgt_params, novel_params = cameras(angles[:, 0]), cameras(angles[:, 1])
-    batch = dict(ctxt_obs=render_discs(discs, {k: v[:, 0] for k, v in ctxt_params.items()}).unsqueeze(1),
-                 ctxt_params=ctxt_params, trgt_obs=render_discs(discs, trgt_params), trgt_params=trgt_params,
+    batch = dict(ctxt_obs=render_views(discs, ctxt_params), ctxt_params=ctxt_params,
+                 trgt_obs=render_discs(discs, trgt_params), trgt_params=trgt_params,
                  novel_obs=render_discs(discs, novel_params), novel_params=novel_params,
                  signal=rasterize(discs))
     return dfm.map_batch(lambda v: v.to(device), batch)
 
 
-def held_out_batch(n_contexts, seed=0, device="cpu"):
-    """Fixed evaluation contexts, from a seed stream that training never uses."""
-    return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device)
+def held_out_batch(n_contexts, seed=0, device="cpu", n_ctxt=1):
+    """Fixed evaluation contexts, from a seed stream that training never uses (n_ctxt views each)."""
+    return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device, n_ctxt)
+
+
+def sample_views(n_signals, n_views, generator):
+    """A fixed data set (train.py --signals/--views): scenes from the prior, each seen from the
+    context camera (view 0) and n_views - 1 random cameras -> dict(signal (S, 4, G, G),
+    obs (S, V, 3, W), params dict of (S, V, ...))."""
+    discs = sample_discs(n_signals, generator)  # (S, M, 6)
+    angles = torch.cat([torch.full((n_signals, 1), CONTEXT_ANGLE),
+                        torch.rand(n_signals, n_views - 1, generator=generator) * 2 * math.pi], dim=1)  # (S, V)
+    params = cameras(angles)
+    return dict(signal=rasterize(discs), obs=render_views(discs, params), params=params)
+
+
+def finite_batch(views, batch_size, generator, device="cpu"):
+    """A batch from a fixed data set: the context camera's view, a target and (if V > 2) a novel view."""
+    return toy_problems.finite_batch(views, batch_size, generator, n_ctxt=1, fixed_context=True, device=device)
+
+
+FORWARD_ERRORS = ("focal", "pose")
+
+
+def forward_with_error(kind, size):
+    """A forward model whose cameras are off (study 2 of study.py): `forward`, with every camera
+    changed before rendering, as a miscalibrated camera would be.
+
+    focal: the focal length is (1 + size) times the true one;
+    pose:  a camera's angle around the circle, counted from the context camera, is (1 + size)
+           times the true one (the context camera itself is where it should be).
+    """
+    if kind not in FORWARD_ERRORS:
+        raise ValueError(f"unknown forward error {kind!r} for flatland: expected one of {', '.join(FORWARD_ERRORS)}")
+    if not -1 < size < 1:
+        raise ValueError(f"--forward-error-size for {kind} must be a relative error in (-1, 1), got {size}")
+
+    def wrong(params):
+        if kind == "focal":
+            K = params["K"].clone()
+            K[..., 0, 0] *= 1 + size
+            return {**params, "K": K}
+        position = params["c2w"][..., :2, 2]  # (..., 2)
+        angle = torch.atan2(position[..., 1], position[..., 0]) - CONTEXT_ANGLE
+        angle = torch.remainder(angle + math.pi, 2 * math.pi) - math.pi  # in [-pi, pi): 0 at the context camera
+        return {k: v.to(position.device) for k, v in cameras(CONTEXT_ANGLE + (1 + size) * angle.cpu()).items()}
+
+    return lambda signal, params, n_samples=N_SAMPLES: forward(signal, wrong(params), n_samples)
 
 
 def benchmark_render(batch_size=64, repeats=10, device="cpu"):
@@ -194,25 +251,38 @@ def psnr(a, b):
     return 10 * math.log10(4 / ((a - b) ** 2).mean().item())
 
 
-def draw_samples(model, batch, n_samples, generator, steps):
-    """n_samples fields per context of the batch: (B, n, 4, G, G)."""
+def draw_samples(model, batch, n_samples, generator, steps, **sample_kwargs):
+    """n_samples fields per context of the batch: (B, n, 4, G, G). sample_kwargs go to model.sample
+    (guidance, temperature, sampler, eta)."""
     model.eval()
-    return dfm.sample_signals(model, batch, n_samples, generator, steps)  # (B, n, 4, G, G)
+    return dfm.sample_signals(model, batch, n_samples, generator, steps, **sample_kwargs)  # (B, n, 4, G, G)
 
 
-def evaluate(model, seed=0, n_contexts=16, n_samples=32, steps=50):
-    """Scores against the exact posterior (lower is better), each with its floor, and a pixel score.
+def spread(views):
+    """How different a context's samples are from each other: the mean distance between the probe
+    views of two of them, E|X - X'| (B, n, P, 3, W) -> a number. 0 when every sample is the same scene."""
+    x = views.flatten(2).double()  # (B, n, D)
+    return torch.cdist(x, x).mean().item() * x.shape[1] / (x.shape[1] - 1)  # pairs of distinct samples only
+
+
+def evaluate(model, seed=0, n_contexts=16, n_samples=32, steps=50, n_ctxt=1, **sample_kwargs):
+    """Scores against the exact posterior (lower is better), each with its floor, and pixel scores.
 
     views:    energy distance between the renders of model and exact samples from a ring of
               N_PROBES cameras (all rendered by the same `forward`, the exact ones rasterised).
-    position: energy distance between the centres of the context-visible discs, read off the fields.
+    position: energy distance between the centres of the disc(s) seen in the first context view,
+              read off the fields.
     *_floor:  the same distance between two independent sets of exact samples.
     psnr:     of sample renders against the true scene's (higher is better; the conditional
               mean, i.e. the deterministic model, is expected to win it). psnr_exact: exact samples.
+    spread:   how different a context's samples are from each other (spread_exact: the posterior's).
+    n_ctxt:   context views per held-out scene (the first from the context camera, the others random).
+    sample_kwargs go to model.sample (guidance, temperature, sampler, eta).
     """
     device = next(model.parameters()).device
-    batch = held_out_batch(n_contexts, seed, device)
-    samples = draw_samples(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
+    batch = held_out_batch(n_contexts, seed, device, n_ctxt)
+    samples = draw_samples(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps,
+                           **sample_kwargs)
     cpu = torch.Generator().manual_seed(seed)
     exact_a = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
     exact_b = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
@@ -227,7 +297,8 @@ def evaluate(model, seed=0, n_contexts=16, n_samples=32, steps=50):
     return {"views": dfm.energy_distance(views["model"], views["a"]).mean().item(),
             "views_floor": dfm.energy_distance(views["b"], views["a"]).mean().item(),
             "position": position(samples, exact_a), "position_floor": position(exact_b, exact_a),
-            "psnr": psnr(views["model"], truth), "psnr_exact": psnr(views["a"], truth)}
+            "psnr": psnr(views["model"], truth), "psnr_exact": psnr(views["a"], truth),
+            "spread": spread(views["model"]), "spread_exact": spread(views["a"])}
 
 
 def top_down(signal):

@@ -89,9 +89,51 @@ def sample_batch(batch_size, generator, device="cpu", n_ctxt=None):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def sample_views(n_signals, n_views, generator):
+    """A fixed data set (train.py --signals/--views): signals from the prior, each seen through
+    n_views random windows -> dict(signal (S, N), obs (S, V, W), params (S, V, 1))."""
+    signal = sample_prior(n_signals, generator)  # (S, N)
+    params = random_starts(n_signals, n_views, generator=generator)  # (S, V, 1)
+    obs = torch.stack([forward(signal, params[:, v]) for v in range(n_views)], dim=1)  # (S, V, W)
+    return dict(signal=signal, obs=obs, params=params)
+
+
+def finite_batch(views, batch_size, generator, device="cpu"):
+    """A batch from a fixed data set: as sample_batch, 1..4 context windows, but at most V - 1 of them."""
+    n_ctxt = int(torch.randint(1, min(4, views["obs"].shape[1] - 1) + 1, (), generator=generator))
+    return toy_problems.finite_batch(views, batch_size, generator, n_ctxt, device=device)
+
+
 def held_out_batch(n_contexts, seed=0, device="cpu"):
     """Fixed evaluation contexts (one window each), from a seed stream that training never uses."""
     return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device, n_ctxt=1)
+
+
+FORWARD_ERRORS = ("shift", "blur")
+
+
+def forward_with_error(kind, size):
+    """A forward model that differs from the data's `forward` (study 2 of study.py):
+
+    shift: reads every window `size` points to the right (an integer >= 0; clamped at the end);
+    blur:  reads the signal blurred by a Gaussian of standard deviation `size` grid points (> 0).
+    """
+    if kind == "shift":
+        if size != int(size) or size < 0:
+            raise ValueError(f"--forward-error-size for shift must be a whole number of points >= 0, got {size}")
+        return lambda signal, params: forward(signal, (params + int(size)).clamp(max=N - W))
+    if kind == "blur":
+        if not size > 0:
+            raise ValueError(f"--forward-error-size for blur must be a standard deviation > 0, got {size}")
+        radius = math.ceil(3 * size)
+        kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / size) ** 2)
+        kernel = (kernel / kernel.sum()).view(1, 1, -1)  # (1, 1, 2r + 1)
+
+        def blurred(signal, params):
+            padded = F.pad(signal.unsqueeze(1), (radius, radius), mode="replicate")  # (B, 1, N + 2r)
+            return forward(F.conv1d(padded, kernel.to(signal)).squeeze(1), params)
+        return blurred
+    raise ValueError(f"unknown forward error {kind!r} for gp1d: expected one of {', '.join(FORWARD_ERRORS)}")
 
 
 # -----------------------------------------------------------------------------

@@ -52,8 +52,8 @@ TRAIN_DEFAULTS = dict(steps=3000, batch_size=32, lr=1e-3)
 # Forward model
 
 
-def warp(image, motion):
-    """Backward warp: out(p) = image(p - motion(p)), bilinear, border padding.
+def warp(image, motion, mode="bilinear"):
+    """Backward warp: out(p) = image(p - motion(p)), bilinear (or as `mode` says), border padding.
 
     image (B, C, H, W), motion (B, 2, H, W) in pixels (dx, dy) -> (B, C, H, W).
     """
@@ -61,12 +61,27 @@ def warp(image, motion):
     x = xs - motion[:, 0]  # (B, H, W) where each output pixel reads from
     y = ys - motion[:, 1]
     grid = torch.stack([2 * x / (W - 1) - 1, 2 * y / (H - 1) - 1], dim=-1)  # (B, H, W, 2) in [-1, 1]
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
 
 
 def forward(signal, params):
     """The next frame: signal (B, 2, H, W) motion field, params (B, 3, H, W) first frame -> (B, 3, H, W)."""
     return warp(params, signal)
+
+
+FORWARD_ERRORS = ("nearest",)
+
+
+def forward_with_error(kind, size):
+    """A warp with another interpolation (study 2 of study.py): nearest: the next frame is
+    (1 - size) x the bilinear warp + size x a nearest-neighbour warp, size in [0, 1]. The
+    nearest-neighbour part passes no gradient to the motion field, so at size 1 nothing is learnt."""
+    if kind not in FORWARD_ERRORS:
+        raise ValueError(f"unknown forward error {kind!r} for motion: expected one of {', '.join(FORWARD_ERRORS)}")
+    if not 0 <= size <= 1:
+        raise ValueError(f"--forward-error-size for nearest must be a share in [0, 1], got {size}")
+
+    return lambda signal, params: (1 - size) * warp(params, signal) + size * warp(params, signal, mode="nearest")
 
 
 # -----------------------------------------------------------------------------
