@@ -24,6 +24,7 @@ import torch
 
 import dfm
 import toy_problems
+import config
 import train
 
 KINDS = ["dfm", "deterministic", "oracle"]
@@ -41,7 +42,7 @@ def bench(name, args):
     problem = toy_problems.load(name)
     rows = {}
     for kind in KINDS:
-        cfg = train.make_config(name, model=kind, seed=args.seed, eval_every=0,
+        cfg = config.make_config(name, model=kind, seed=args.seed, eval_every=0,
                                 out_dir=os.path.join(args.out, f"{name}-{kind}"),
                                 **({"steps": args.steps} if args.steps is not None else {}))
         path = os.path.join(cfg.out_dir, "ckpt.pt")

@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
 import torch
 
 import toy_problems
+import config
 import train
 from toy_problems import scenes3d_eval
 
@@ -50,7 +51,7 @@ def export(path, target):
 
 def gpu_peak_memory(name, precision):
     """torch.cuda.max_memory_allocated() over one training step of batch 1 on the GPU, in bytes."""
-    cfg = train.make_config(name, batch_size=1, precision=precision, device="cuda")
+    cfg = config.make_config(name, batch_size=1, precision=precision, device="cuda")
     problem = toy_problems.load(name)
     model = train.build_model(cfg).cuda()
     optimizer = torch.optim.Adam(model.parameters())
@@ -102,7 +103,7 @@ def main():
     if not args.memory_only:
         rows, models = {}, {}
         for kind in KINDS:
-            cfg = train.make_config(args.problem, model=kind, seed=args.seed, eval_every=0,
+            cfg = config.make_config(args.problem, model=kind, seed=args.seed, eval_every=0,
                                     out_dir=os.path.join(args.out, f"{args.problem}-{kind}"),
                                     **({"steps": args.steps} if args.steps is not None else {}))
             path = os.path.join(cfg.out_dir, "ckpt.pt")

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import toy_problems
+import config
 import train
 
 
@@ -51,7 +52,7 @@ def use_sampler(model, **options):
 def evaluate_defaults(name):
     """'gp1d 64, flatland 16, ...': each problem's evaluate() default of one argument, for --help."""
     return ", ".join(f"{problem_name} {inspect.signature(problem.evaluate).parameters[name].default}"
-                     for problem_name, problem in train.problems_for_help().items())
+                     for problem_name, problem in config.problems_for_help().items())
 
 
 def check(args, cfg):

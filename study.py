@@ -33,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 import toy_problems
+import config
 import train
 
 BUDGET = {"gp1d": dict(steps=2000, batch_size=128), "flatland": dict(steps=800, batch_size=32),
@@ -51,7 +52,7 @@ def train_run(args, problem, model="dfm", **overrides):
     """Train (or finish, or load) one run at the study budget; returns its EMA model."""
     budget = {**(SMALL_BUDGET if args.small else BUDGET)[problem], **({"steps": args.steps} if args.steps else {})}
     name = "-".join([problem, model] + [f"{key}{value}" for key, value in overrides.items()])
-    cfg = train.make_config(problem, model=model, seed=args.seed, eval_every=0,
+    cfg = config.make_config(problem, model=model, seed=args.seed, eval_every=0,
                             out_dir=os.path.join(args.out, "runs", name), **budget, **overrides)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     model, _ = train.train(cfg, resume=path if os.path.exists(path) else None, progress=not args.no_progress)

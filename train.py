@@ -20,14 +20,12 @@ is the checkpoint's, and asking for another value is an error.
 import argparse
 import copy
 import dataclasses
-import inspect
 import os
 import signal
 import sys
 import threading
 import time
 import zipfile
-from dataclasses import dataclass
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
 
@@ -38,112 +36,7 @@ from tqdm import tqdm
 
 import dfm
 import toy_problems
-
-
-@dataclass
-class Config:
-    """Everything a run depends on; saved in every checkpoint. A problem's TRAIN_DEFAULTS override
-    these defaults, and the command line overrides both (see make_config)."""
-    problem: str = "flatland"  # which toy problem (a module of toy_problems/)
-    model: str = "dfm"  # dfm | deterministic | oracle
-    steps: int = 2000  # optimisation steps
-    batch_size: int = 32  # examples per step, over all processes
-    lr: float = 1e-3  # Adam learning rate after warm-up
-    warmup: int = 200  # steps of linear learning-rate warm-up
-    grad_clip: float = 1.0  # clip the gradient norm at this value
-    ema_decay: float = 0.995  # EMA of the weights, used for sampling
-    timesteps: int = 1000  # diffusion steps T
-    ctxt_drop_prob: float = 0.0  # probability of hiding the context, for classifier-free guidance
-    contexts: int = 0  # context views per example drawn from 1..contexts each step (0 = the problem's own rule)
-    signals: int = 0  # train on a fixed data set of this many signals (0 = a new signal for every example)
-    views: int = 0  # observations of each signal in that data set (0 with signals = 0)
-    forward_error: str = "none"  # train and sample with a forward model unlike the data's: one of the problem's FORWARD_ERRORS
-    forward_error_size: float = 0.0  # how far off that forward model is
-    precision: str = "auto"  # fp32 | bf16 (autocast; compositing stays float32) | auto = bf16 on a GPU, fp32 on the CPU
-    eval_every: int = 1000  # steps between quick evaluations against the exact posterior (0 = never)
-    ckpt_every: int = 500  # steps between checkpoints
-    seed: int = 0
-    out_dir: str = ""  # where ckpt.pt goes; "" = out/<problem>-<model>
-    device: str = ""  # "" = cuda if available, else cpu
-
-    def validate(self, world=1):
-        """A ValueError naming the option and what it allows, for any setting that cannot work
-        (world: the number of processes). Every comparison with NaN is False, so NaN fails too."""
-        if self.problem not in toy_problems.PROBLEMS:
-            raise ValueError(f"--problem must be one of {', '.join(toy_problems.PROBLEMS)}, got {self.problem!r}")
-        problem = toy_problems.load(self.problem)
-        rules = [
-            ("model", self.model in MODELS, "one of " + ", ".join(MODELS)),
-            ("steps", 1 <= self.steps <= 2 ** toy_problems.STEP_BITS, "an integer >= 1"),
-            ("batch_size", self.batch_size >= 1 and self.batch_size % world == 0,
-             "an integer >= 1" + (f" divisible by the number of processes ({world})" if world > 1 else "")),
-            ("lr", self.lr > 0, "a number > 0"),
-            ("warmup", self.warmup >= 0, "an integer >= 0 (0 = no warm-up)"),
-            ("grad_clip", self.grad_clip > 0, "a number > 0"),
-            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
-            ("timesteps", self.timesteps >= 1, "an integer >= 1"),
-            ("ctxt_drop_prob", 0 <= self.ctxt_drop_prob < 1, "in [0, 1)"),
-            ("precision", self.precision in ("fp32", "bf16", "auto"), "fp32, bf16 or auto"),
-            ("contexts", self.contexts == 0 or (self.contexts >= 1 and self.signals == 0 and
-                                               "n_ctxt" in inspect.signature(problem.sample_batch).parameters),
-             "0 (the problem's rule), or >= 1 for gp1d and flatland without --signals"),
-            ("signals", self.signals == 0 or (self.signals >= 1 and hasattr(problem, "sample_views")),
-             "0 (a new signal every time), or >= 1 for gp1d and flatland"),
-            ("views", self.views == 0 if self.signals == 0 else self.views >= 2,
-             "0 without --signals, and >= 2 with it (a context and a target)"),
-            ("forward_error", self.forward_error in ("none", *getattr(problem, "FORWARD_ERRORS", ())),
-             "none, or for this problem one of: " + (", ".join(getattr(problem, "FORWARD_ERRORS", ())) or "(none)")),
-            ("forward_error_size", self.forward_error_size == 0 or self.forward_error != "none",
-             "0 with --forward-error none"),
-            ("eval_every", self.eval_every >= 0, "an integer >= 0 (0 = never)"),
-            ("ckpt_every", self.ckpt_every >= 1, "an integer >= 1"),
-            ("seed", 0 <= self.seed < 2 ** toy_problems.SEED_BITS, f"in [0, 2^{toy_problems.SEED_BITS})"),
-        ]
-        for name, ok, allowed in rules:
-            if not ok:
-                raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}")
-        if self.forward_error != "none":
-            problem.forward_with_error(self.forward_error, self.forward_error_size)  # its own check of the size
-        check_device(self.device)
-
-
-MODELS = ["dfm", "deterministic", "oracle"]
-# What may change when a run is resumed: how long it runs, how often it scores and saves, where it
-# runs and writes. Everything else defines the model, its data stream or its optimisation.
-RESUMABLE = ("steps", "ckpt_every", "eval_every", "device", "precision", "out_dir")
-
-
-def make_config(problem="flatland", **overrides):
-    """The config of a new run: Config's defaults, then the problem's TRAIN_DEFAULTS, then the overrides."""
-    defaults = toy_problems.load(problem).TRAIN_DEFAULTS
-    unknown = set(defaults) - set(Config.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{problem}.TRAIN_DEFAULTS sets unknown config fields: {', '.join(sorted(unknown))}")
-    return resolve(Config(problem=problem, **{**defaults, **overrides}))
-
-
-def resolve(cfg):
-    """Fill in what depends on the machine or on other fields: the output folder, device and precision."""
-    cfg.out_dir = cfg.out_dir or os.path.join("out", f"{cfg.problem}-{cfg.model}")
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if cfg.device.startswith("cuda") else "fp32"
-    return cfg
-
-
-def check_device(device):
-    """A clear error for a device this machine does not have, before anything is loaded onto it."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no GPU available on this machine; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-
+from config import MODELS, RESUMABLE, Config, check_device, make_config, option_help, problems_for_help, resolve
 
 def build_model(cfg):
     """The model of a config; with --forward-error its forward model is not the one that made the data."""
@@ -345,66 +238,6 @@ def train(cfg, resume=None, progress=True):
         dist.barrier()
         dist.destroy_process_group()
     return ema.eval(), seconds_per_step
-
-
-# The command line: what each option does and its unit; option_help adds the defaults.
-HELP = {
-    "problem": "the toy problem to train on",
-    "model": "what to train: dfm (the method), deterministic (regression from the context, pixelNeRF-style) "
-             "or oracle (conditional diffusion on the true signal, which only a toy can provide)",
-    "steps": "optimisation steps in all, a count (on --resume: the new total, more than the checkpoint's step)",
-    "batch_size": "examples per step, over all processes (must divide by their number)",
-    "lr": "Adam learning rate after warm-up, > 0",
-    "warmup": "steps of linear learning-rate warm-up (0 = none)",
-    "grad_clip": "clip the gradient's global L2 norm at this value, > 0",
-    "ema_decay": "decay per step of the EMA of the weights that sampling uses, in [0, 1)",
-    "timesteps": "diffusion steps T of the noise schedule",
-    "ctxt_drop_prob": "probability of hiding an example's context, in [0, 1); > 0 allows sample.py --guidance",
-    "contexts": "train with 1..N context views per example, N drawn each step (gp1d, flatland); 0 = the "
-                "problem's own rule (gp1d 1..4, the others 1)",
-    "signals": "train on a fixed data set of this many signals drawn once from the prior (gp1d, flatland); "
-               "0 = a new signal for every example",
-    "views": "observations of each signal in that data set, >= 2 with --signals (flatland: the context "
-             "camera's and views-1 random ones)",
-    "forward_error": "train and sample with a forward model that differs from the one that made the data: "
-                     "gp1d shift or blur, flatland focal or pose, motion nearest (see each forward_with_error)",
-    "forward_error_size": "how far off: gp1d shift in points, blur its sd in points; flatland a relative "
-                          "error; motion the share of nearest-neighbour interpolation",
-    "precision": "fp32, bf16 (autocast; compositing stays float32) or auto (bf16 on a GPU, fp32 on the CPU)",
-    "eval_every": "steps between quick scores against the exact posterior, printed (0 = never)",
-    "ckpt_every": "steps between checkpoints (one is also written at the end, and on Ctrl-C)",
-    "seed": "seed of the initial weights and of the training data stream, an integer in [0, 2^20)",
-    "out_dir": "folder for ckpt.pt",
-    "device": "cpu, cuda or cuda:N",
-}
-
-
-def option_help(field, problem_defaults):
-    """The help of one Config field: what it does, then its default, the problems' own where they set one."""
-    special = {"problem": f"default: {Config.problem}",
-               "out_dir": "default: out/<problem>-<model>; on --resume, the checkpoint's folder",
-               "device": "default: cuda if this machine has a GPU, else cpu"}
-    by_problem = [f"{name} {defaults[field.name]}" for name, defaults in problem_defaults.items()
-                  if field.name in defaults]
-    if field.name in special:
-        default = special[field.name]
-    elif by_problem:
-        default = f"default: the problem's: {', '.join(by_problem)}; otherwise {field.default}"
-    else:
-        default = f"default: {field.default}"
-    return f"{HELP[field.name]} ({default})"
-
-
-def problems_for_help():
-    """{name: module} of every problem, when --help is asked for (importing them all costs time); a problem
-    that fails to import is left out, and using it shows why. sample.py uses it too."""
-    problems = {}
-    for name in toy_problems.PROBLEMS if {"-h", "--help"} & set(sys.argv[1:]) else []:
-        try:
-            problems[name] = toy_problems.load(name)
-        except Exception:
-            pass
-    return problems
 
 
 def main():

@@ -18,6 +18,7 @@ import torch
 
 import bench
 import sample
+import config
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def cli(monkeypatch, capsys):
 def gp1d_ckpt(tmp_path_factory):
     """A 2-step gp1d checkpoint (at step 2 of 2), shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("gp1d")
-    train.train(train.make_config("gp1d", steps=2, batch_size=2, eval_every=0, out_dir=str(out)), progress=False)
+    train.train(config.make_config("gp1d", steps=2, batch_size=2, eval_every=0, out_dir=str(out)), progress=False)
     return out / "ckpt.pt"
 
 
@@ -96,14 +97,14 @@ def test_an_unwritable_out_dir_is_refused_at_start(cli, tmp_path):
 
 
 def test_warmup_0_trains(tmp_path):
-    cfg = train.make_config("gp1d", steps=2, batch_size=2, warmup=0, eval_every=0, out_dir=str(tmp_path))
+    cfg = config.make_config("gp1d", steps=2, batch_size=2, warmup=0, eval_every=0, out_dir=str(tmp_path))
     train.train(cfg, progress=False)
     assert step_of(tmp_path / "ckpt.pt") == 2
 
 
 def test_a_stale_tmp_file_of_a_killed_run_is_removed_on_start(tmp_path):
     (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
-    train.train(train.make_config("gp1d", steps=1, batch_size=2, eval_every=0, out_dir=str(tmp_path)), progress=False)
+    train.train(config.make_config("gp1d", steps=1, batch_size=2, eval_every=0, out_dir=str(tmp_path)), progress=False)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 
 
@@ -174,7 +175,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_how_to_resume(tmp_path):
     assert match and match[2] == str(tmp_path / "ckpt.pt"), last
     step = int(match[1])
     assert step_of(match[2]) == step and sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
-    cfg = train.make_config("gp1d", steps=step + 1, batch_size=2, eval_every=0, ckpt_every=10 ** 6,
+    cfg = config.make_config("gp1d", steps=step + 1, batch_size=2, eval_every=0, ckpt_every=10 ** 6,
                             out_dir=str(tmp_path))
     train.train(cfg, resume=match[2], progress=False)  # resumable, as the message says
     assert step_of(match[2]) == step + 1

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dfm
+import config
 import train
 from toy_problems import gp1d
 
@@ -63,7 +64,7 @@ def test_closed_form_posterior_agrees_with_brute_force_rejection(monkeypatch):
 
 
 def test_short_training_gets_closer_to_the_exact_posterior(tmp_path):
-    cfg = train.make_config("gp1d", steps=200, batch_size=64, lr=2e-3, warmup=20, eval_every=0,
+    cfg = config.make_config("gp1d", steps=200, batch_size=64, lr=2e-3, warmup=20, eval_every=0,
                             ckpt_every=1000, out_dir=str(tmp_path))
     torch.manual_seed(cfg.seed)
     untrained = train.build_model(cfg)

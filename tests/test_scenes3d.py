@@ -8,6 +8,7 @@ import torch
 import dfm
 import metrics
 import toy_problems
+import config
 import train
 from toy_problems import scenes3d, scenes3d_eval, scenes3d_world
 
@@ -94,7 +95,7 @@ def test_both_scales_train_through_train_py_with_bf16(name, tmp_path, monkeypatc
     shrunk = dataclasses.replace(TINY, world=dataclasses.replace(big.world, size=32), lpips=big.lpips)
     monkeypatch.setitem(scenes3d.SETTINGS, name, shrunk)
     monkeypatch.setattr(scenes3d, "lpips_or_none", lambda: metrics.random_lpips())  # wiring only
-    cfg = train.make_config(name, steps=2, batch_size=2, precision="bf16", eval_every=0, out_dir=str(tmp_path))
+    cfg = config.make_config(name, steps=2, batch_size=2, precision="bf16", eval_every=0, out_dir=str(tmp_path))
     model, _ = train.train(cfg, progress=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))[0]["step"] == 2
@@ -151,7 +152,7 @@ def test_sample_py_writes_a_grid_and_an_orbit_per_context_with_the_comparison_mo
     monkeypatch.setattr(metrics, "load_lpips", lambda: (None, "LPIPS unavailable: not fetched in tests"))
     monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", TINY)
     for kind in ("dfm", "deterministic"):
-        cfg = train.make_config("scenes3d", model=kind, steps=1, batch_size=1, out_dir=str(tmp_path / kind))
+        cfg = config.make_config("scenes3d", model=kind, steps=1, batch_size=1, out_dir=str(tmp_path / kind))
         train.train(cfg, progress=False)
     monkeypatch.setattr("sys.argv", ["sample.py", str(tmp_path / "dfm" / "ckpt.pt"), "--compare",
                                      str(tmp_path / "deterministic" / "ckpt.pt"), "--n-contexts", "1",

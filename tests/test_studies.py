@@ -9,6 +9,7 @@ import torch
 import dfm
 import study
 import toy_problems
+import config
 import train
 from toy_problems import flatland, flatland_world, gp1d, motion
 
@@ -61,7 +62,7 @@ def test_flatland_finite_batches_keep_the_context_camera_and_draw_the_other_view
 
 
 def test_a_run_with_a_fixed_data_set_only_ever_sees_its_signals_and_they_come_from_the_dataset_seed():
-    cfg = train.make_config("gp1d", signals=3, views=4, batch_size=8, steps=1)
+    cfg = config.make_config("gp1d", signals=3, views=4, batch_size=8, steps=1)
     problem = toy_problems.load("gp1d")
     views = problem.sample_views(3, 4, torch.Generator().manual_seed(toy_problems.dataset_seed(cfg.seed)))
     seen = set()
@@ -75,9 +76,9 @@ def test_a_run_with_a_fixed_data_set_only_ever_sees_its_signals_and_they_come_fr
 
 def test_training_on_a_fixed_data_set_resumes_exactly(tmp_path):
     common = dict(signals=6, views=3, batch_size=4, eval_every=0, ckpt_every=2)
-    whole, _ = train.train(train.make_config("gp1d", steps=4, out_dir=str(tmp_path / "a"), **common), progress=False)
-    train.train(train.make_config("gp1d", steps=2, out_dir=str(tmp_path / "b"), **common), progress=False)
-    resumed, _ = train.train(train.make_config("gp1d", steps=4, out_dir=str(tmp_path / "b"), **common),
+    whole, _ = train.train(config.make_config("gp1d", steps=4, out_dir=str(tmp_path / "a"), **common), progress=False)
+    train.train(config.make_config("gp1d", steps=2, out_dir=str(tmp_path / "b"), **common), progress=False)
+    resumed, _ = train.train(config.make_config("gp1d", steps=4, out_dir=str(tmp_path / "b"), **common),
                              resume=str(tmp_path / "b" / "ckpt.pt"), progress=False)
     for p, q in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
@@ -134,7 +135,7 @@ def test_motion_nearest_error_mixes_in_a_warp_that_passes_no_gradient():
 
 
 def test_a_model_trained_with_a_forward_error_keeps_it_and_is_scored_with_the_true_one(tmp_path):
-    cfg = train.make_config("gp1d", forward_error="shift", forward_error_size=2, steps=1, batch_size=4,
+    cfg = config.make_config("gp1d", forward_error="shift", forward_error_size=2, steps=1, batch_size=4,
                             eval_every=0, out_dir=str(tmp_path))
     train.train(cfg, progress=False)
     model, saved = train.load_ema_model(str(tmp_path / "ckpt.pt"))
@@ -155,7 +156,7 @@ def test_a_model_trained_with_a_forward_error_keeps_it_and_is_scored_with_the_tr
 ])
 def test_study_options_that_cannot_work_are_refused_with_a_message(options, message):
     with pytest.raises(ValueError, match=message):
-        train.make_config(**options).validate()
+        config.make_config(**options).validate()
 
 
 # -----------------------------------------------------------------------------
@@ -180,14 +181,14 @@ def test_flatland_batches_with_several_context_views_share_the_scene_and_first_v
 
 
 def test_more_context_views_shrink_the_exact_posteriors_spread_and_a_model_is_scored_on_them():
-    model = train.build_model(train.make_config("flatland")).eval()
+    model = train.build_model(config.make_config("flatland")).eval()
     scores = {k: flatland.evaluate(model, n_contexts=3, n_samples=4, steps=2, n_ctxt=k) for k in (1, 3)}
     assert scores[3]["spread_exact"] < scores[1]["spread_exact"]
     assert scores[1]["spread"] >= 0 and math.isfinite(scores[3]["views"])
 
 
 def test_training_with_up_to_three_contexts_draws_each_number():
-    cfg = train.make_config("flatland", contexts=3, batch_size=2)
+    cfg = config.make_config("flatland", contexts=3, batch_size=2)
     counts = {train.training_batch(toy_problems.load("flatland"), cfg, None, toy_problems.train_generator(0, step),
                                    2, "cpu")["ctxt_obs"].shape[1] for step in range(12)}
     assert counts == {1, 2, 3}

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import dfm
+import config
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(out_dir, steps=6, ckpt_every=3):
-    return train.make_config("gp1d", steps=steps, batch_size=16, eval_every=0, ckpt_every=ckpt_every,
+    return config.make_config("gp1d", steps=steps, batch_size=16, eval_every=0, ckpt_every=ckpt_every,
                              out_dir=str(out_dir))
 
 
@@ -113,7 +114,7 @@ def test_training_and_held_out_streams_never_share_a_seed():
 
 @pytest.mark.parametrize("problem", ["gp1d", "flatland", "motion", "gan_inversion"])
 def test_every_problem_trains_with_another_number_of_timesteps(problem, tmp_path):
-    cfg = train.make_config(problem, steps=1, batch_size=2, timesteps=2000, eval_every=0, out_dir=str(tmp_path))
+    cfg = config.make_config(problem, steps=1, batch_size=2, timesteps=2000, eval_every=0, out_dir=str(tmp_path))
     model, _ = train.train(cfg, progress=False)
     assert model.timesteps == 2000 and len(model.abar) == 2000
 
@@ -121,15 +122,15 @@ def test_every_problem_trains_with_another_number_of_timesteps(problem, tmp_path
 def test_a_problem_may_set_any_config_field(monkeypatch):
     from toy_problems import gp1d
     monkeypatch.setattr(gp1d, "TRAIN_DEFAULTS", dict(steps=7, warmup=3, ctxt_drop_prob=0.1))
-    cfg = train.make_config("gp1d", steps=9)
+    cfg = config.make_config("gp1d", steps=9)
     assert (cfg.steps, cfg.warmup, cfg.ctxt_drop_prob) == (9, 3, 0.1)
     assert train.build_model(cfg).ctxt_drop_prob == 0.1
     monkeypatch.setattr(gp1d, "TRAIN_DEFAULTS", dict(stepz=7))
     with pytest.raises(ValueError, match="stepz"):
-        train.make_config("gp1d")
+        config.make_config("gp1d")
 
 
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):
-    cfg = train.make_config("flatland", steps=2, batch_size=2, precision="bf16", eval_every=0, out_dir=str(tmp_path))
+    cfg = config.make_config("flatland", steps=2, batch_size=2, precision="bf16", eval_every=0, out_dir=str(tmp_path))
     model, _ = train.train(cfg, progress=False)
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())

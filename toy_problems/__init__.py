@@ -3,7 +3,7 @@
 Every problem is one module with the same parts, so that train.py, sample.py and bench.py
 treat them alike:
 
-    TRAIN_DEFAULTS                       any fields of train.Config this problem sets differently
+    TRAIN_DEFAULTS                       any fields of config.Config this problem sets differently
     sample_batch(batch_size, generator, device="cpu") -> dict of tensors:
         ctxt_obs (B, Nc, *obs_shape), ctxt_params (B, Nc, *param_shape),
         trgt_obs (B, *obs_shape),     trgt_params (B, *param_shape),
