@@ -135,8 +135,8 @@ HELP = {
     "ema_decay": "decay per step of the EMA of the weights that sampling uses, in [0, 1)",
     "timesteps": "diffusion steps T of the noise schedule",
     "ctxt_drop_prob": "probability of hiding an example's context, in [0, 1); > 0 allows sample.py --guidance",
-    "contexts": "train with 1..N context views per example, N drawn each step (gp1d, flatland); 0 = the "
-                "problem's own rule (gp1d 1..4, the others 1)",
+    "contexts": "the most context views per example: each step draws how many from 1..N (gp1d, flatland); "
+                "0 = the problem's own rule (gp1d 1..4, the others 1)",
     "signals": "train on a fixed data set of this many signals drawn once from the prior (gp1d, flatland); "
                "0 = a new signal for every example",
     "views": "observations of each signal in that data set, >= 2 with --signals (flatland: the context "
