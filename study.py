@@ -140,7 +140,7 @@ def table(rows, varied):
         constant = [name for name in references if len({row[name] for row in mine}) == 1]
         columns = shown + [name for name in references if name not in constant]
         heading = ", ".join(f"{name} {mine[0][name]:.4f}" for name in constant)
-        lines += [f"\n{problem}" + (f" ({heading})" if heading else ""),
+        lines += [f"\n{problem}" + (f" ({heading})" if heading else "") + "\n",
                   "| " + " | ".join(varied + columns) + " |", "|---" * (len(varied) + len(columns)) + "|"]
         lines += ["| " + " | ".join([str(row[v]) for v in varied] + [f"{row[name]:.4f}" for name in columns]) + " |"
                   for row in mine]

@@ -225,3 +225,7 @@ def test_each_study_trains_scores_and_writes_its_table_plot_and_numbers(tmp_path
     study.main()
     with open(tmp_path / "contexts.json") as f, open(tmp_path / "again" / "contexts.json") as g:
         assert json.load(f)["rows"] == json.load(g)["rows"]
+
+
+def test_studies_notebook_runs_top_to_bottom(run_notebook):
+    run_notebook("studies.ipynb")  # loads the committed results in assets/studies, then runs a two-step study
