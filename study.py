@@ -17,9 +17,9 @@ held-out contexts, prints a markdown table and saves a plot and the numbers
 
 Every run trains for the study budget (BUDGET, shorter than the problems' defaults so that
 the four studies fit in a few hours on a 2-core CPU; --small: SMALL_BUDGET and fewer
-levels) and is scored as SCORING says. Scores are distances to the exact posterior (lower
-is better); the floor is the distance between two independent exact sample sets of the
-same size, the best any model can score.
+levels) and is scored as SCORING (--small: SMALL_SCORING) says. Scores are distances to
+the exact posterior (lower is better); the floor is the distance between two independent
+exact sample sets of the same size, the best any model can score.
 """
 import argparse
 import json
@@ -43,6 +43,8 @@ SMALL_BUDGET = {"gp1d": dict(steps=400, batch_size=64), "flatland": dict(steps=1
 # Scoring: each problem's evaluate() defaults (the README's tables), except gp1d's 64 contexts x 64
 # samples, whose autoregressive whole-signal samples take minutes per run on one CPU thread.
 SCORING = {"gp1d": dict(n_contexts=32, n_samples=32)}
+SMALL_SCORING = {"gp1d": dict(n_contexts=16, n_samples=16), "flatland": dict(n_contexts=8, n_samples=16),
+                 "motion": dict(n_contexts=8, n_samples=32)}  # --small: fewer contexts and samples, noisier
 MAIN_SCORE = {"gp1d": "window", "flatland": "views", "motion": "tv_joint"}  # what the plots show
 SHOWN = {"gp1d": ["window", "signal"], "flatland": ["views", "position", "psnr", "spread"],
          "motion": ["tv_joint", "tv_sprite", "frame_mse"]}  # what the tables show
@@ -60,8 +62,9 @@ def train_run(args, problem, model="dfm", **overrides):
 
 
 def score(args, problem, model, **evaluate_kwargs):
-    """The problem's evaluate() at SCORING's settings, or at a tiny size with --tiny."""
-    settings = dict(n_contexts=2, n_samples=4, steps=5) if args.tiny else SCORING.get(problem, {})
+    """The problem's evaluate() at SCORING's settings (SMALL_SCORING's with --small), or tiny with --tiny."""
+    settings = (dict(n_contexts=2, n_samples=4, steps=5) if args.tiny else
+                (SMALL_SCORING if args.small else SCORING).get(problem, {}))
     return toy_problems.load(problem).evaluate(model, seed=args.seed, **settings, **evaluate_kwargs)
 
 
