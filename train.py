@@ -14,7 +14,7 @@ draws from the held-out stream that evaluation uses.
 
 Resuming continues the *same* run: it writes beside the checkpoint it resumed (or into
 --out-dir), and only how long it runs, how often it reports and saves, and where it runs
-may change (RESUMABLE); everything else (problem, model, batch, optimiser, schedule, seed)
+may change (config.RESUMABLE); everything else (problem, model, batch, optimiser, schedule, seed)
 is the checkpoint's, and asking for another value is an error.
 """
 import argparse

@@ -32,6 +32,8 @@ import importlib
 
 import torch
 
+import dfm
+
 PROBLEMS = ["gp1d", "flatland", "motion", "gan_inversion", "scenes3d", "scenes3d-64", "scenes3d-128"]
 
 
@@ -102,17 +104,17 @@ def finite_batch(views, batch_size, generator, n_ctxt=1, fixed_context=False, de
     if fixed_context:  # view 0 first, the others in random order
         order = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), 1 + order[:, 1:].argsort(dim=1)], dim=1)
 
-    def take(first, count, squeeze=False):  # views order[:, first:first + count] of each example's signal
-        rows, cols = which[:, None], order[:, first:first + count]  # (B, 1), (B, count)
-        pick = (lambda v: v[rows, cols][:, 0]) if squeeze else (lambda v: v[rows, cols])
-        return pick(views["obs"]), (({k: pick(v) for k, v in views["params"].items()})
-                                    if isinstance(views["params"], dict) else pick(views["params"]))
+    def take(first, count):  # views order[:, first:first + count] of each example's signal: (B, count, ...)
+        pick = lambda v: v[which[:, None], order[:, first:first + count]]  # noqa: E731
+        return dfm.map_batch(pick, {"obs": views["obs"], "params": views["params"]})
 
-    ctxt_obs, ctxt_params = take(0, n_ctxt)  # (B, Nc, ...)
-    trgt_obs, trgt_params = take(n_ctxt, 1, squeeze=True)  # (B, ...)
-    batch = dict(ctxt_obs=ctxt_obs, ctxt_params=ctxt_params, trgt_obs=trgt_obs, trgt_params=trgt_params,
+    def take_one(first):  # (B, ...)
+        return dfm.map_batch(lambda v: v[:, 0], take(first, 1))
+
+    ctxt, trgt = take(0, n_ctxt), take_one(n_ctxt)
+    batch = dict(ctxt_obs=ctxt["obs"], ctxt_params=ctxt["params"], trgt_obs=trgt["obs"], trgt_params=trgt["params"],
                  signal=views["signal"][which])
     if V > n_ctxt + 1:
-        batch["novel_obs"], batch["novel_params"] = take(n_ctxt + 1, 1, squeeze=True)
-    return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
-            for k, v in batch.items()}
+        novel = take_one(n_ctxt + 1)
+        batch["novel_obs"], batch["novel_params"] = novel["obs"], novel["params"]
+    return dfm.map_batch(lambda v: v.to(device), batch)

@@ -64,6 +64,12 @@ def render_views(discs, params):
                         for i in range(params["K"].shape[1])], dim=1)
 
 
+def context_angles(batch_size, n_ctxt, generator):
+    """Angles of the context cameras: the context camera first, then n_ctxt - 1 random ones -> (B, Nc)."""
+    return torch.cat([torch.full((batch_size, 1), CONTEXT_ANGLE),
+                      torch.rand(batch_size, n_ctxt - 1, generator=generator) * 2 * math.pi], dim=1)
+
+
 def sample_batch(batch_size, generator, device="cpu", n_ctxt=1):
     """Scenes from the prior, seen from the context camera and from two random cameras (target, novel).
 
@@ -72,9 +78,7 @@ def sample_batch(batch_size, generator, device="cpu", n_ctxt=1):
     """
     discs = sample_discs(batch_size, generator)  # (B, M, 6)
     angles = torch.rand(batch_size, 2, generator=generator) * 2 * math.pi  # target, novel
-    ctxt_angles = torch.cat([torch.full((batch_size, 1), CONTEXT_ANGLE),
-                             torch.rand(batch_size, n_ctxt - 1, generator=generator) * 2 * math.pi], dim=1)
-    ctxt_params = cameras(ctxt_angles)  # (B, Nc, ...)
+    ctxt_params = cameras(context_angles(batch_size, n_ctxt, generator))  # (B, Nc, ...)
     trgt_params, novel_params = cameras(angles[:, 0]), cameras(angles[:, 1])
     batch = dict(ctxt_obs=render_views(discs, ctxt_params), ctxt_params=ctxt_params,
                  trgt_obs=render_discs(discs, trgt_params), trgt_params=trgt_params,
@@ -93,9 +97,7 @@ def sample_views(n_signals, n_views, generator):
     context camera (view 0) and n_views - 1 random cameras -> dict(signal (S, 4, G, G),
     obs (S, V, 3, W), params dict of (S, V, ...))."""
     discs = sample_discs(n_signals, generator)  # (S, M, 6)
-    angles = torch.cat([torch.full((n_signals, 1), CONTEXT_ANGLE),
-                        torch.rand(n_signals, n_views - 1, generator=generator) * 2 * math.pi], dim=1)  # (S, V)
-    params = cameras(angles)
+    params = cameras(context_angles(n_signals, n_views, generator))  # (S, V, ...): the same cameras as contexts get
     return dict(signal=rasterize(discs), obs=render_views(discs, params), params=params)
 
 
