@@ -150,6 +150,12 @@ def table(rows, varied):
     return "\n".join(lines)
 
 
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_finite(rows, path):
     problems = list(dict.fromkeys(row["problem"] for row in rows))
     fig, axes = plt.subplots(1, len(problems), figsize=(5 * len(problems), 3.6), squeeze=False)
@@ -219,12 +225,6 @@ def plot_guidance(rows, path):
     axes[2].set_title("diversity of the samples", fontsize=9)
     fig.suptitle("flatland: classifier-free guidance and initial-noise temperature")
     save(fig, path)
-
-
-def save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 PLOTS = {"finite": plot_finite, "forward": plot_forward, "contexts": plot_contexts, "guidance": plot_guidance}
