@@ -79,7 +79,7 @@ def main():
     parser.add_argument("--steps", type=int, help="training steps per model (default: the problem's, "
                         "as in train.py --help)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and of the held-out contexts, "
-                        "in [0, 2^20) (default: 0)")
+                        "in [0, 2^30) (default: 0)")
     parser.add_argument("--out", default=os.path.join("out", "bench"), help="folder for the runs' checkpoints, "
                         "one subfolder per problem and model; runs found there are finished or reused "
                         "(default: out/bench)")

@@ -79,7 +79,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a ckpt.pt written by train.py")
     parser.add_argument("--seed", type=int, default=0,
-                        help="picks the held-out contexts and the sampling noise, in [0, 2^20) (default: 0)")
+                        help="picks the held-out contexts and the sampling noise, in [0, 2^30) (default: 0)")
     parser.add_argument("--n-contexts", type=int, help="held-out contexts to score on, >= 1 (default: the "
                         f"problem's, as in the README's tables: {evaluate_defaults('n_contexts')})")
     parser.add_argument("--n-samples", type=int, help="samples per context, >= 2 (default: the problem's: "

@@ -236,7 +236,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="the student setting: fewer levels and SMALL_BUDGET "
                         "(default: the full setting, BUDGET)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and of the held-out contexts, "
-                        "in [0, 2^20) (default: 0)")
+                        "in [0, 2^30) (default: 0)")
     parser.add_argument("--out", help="folder for the runs, reused when found (default: out/studies, "
                         "or out/studies-small with --small)")
     parser.add_argument("--save", help="folder for <study>.png and <study>.json (default: --out; the README's "

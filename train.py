@@ -152,7 +152,7 @@ def train(cfg, resume=None, progress=True):
         if cfg.device == "cuda":
             cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     problem = toy_problems.load(cfg.problem)
-    views = (problem.sample_views(cfg.signals, cfg.views, torch.Generator().manual_seed(toy_problems.dataset_seed(cfg.seed)))
+    views = (problem.sample_views(cfg.signals, cfg.views, toy_problems.dataset_generator(cfg.seed))
              if cfg.signals else None)  # the fixed data set, the same on every process and on resume
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process

@@ -66,8 +66,8 @@ def step_of(path):
     ("--ema-decay", 2, r"in \[0, 1\)"), ("--ema-decay", 1, r"in \[0, 1\)"), ("--grad-clip", 0, "a number > 0"),
     ("--timesteps", 0, "an integer >= 1"), ("--ctxt-drop-prob", 1, r"in \[0, 1\)"),
     ("--precision", "fp16", "fp32, bf16 or auto"), ("--ckpt-every", 0, "an integer >= 1"),
-    ("--eval-every", -1, "an integer >= 0"), ("--seed", -1, r"in \[0, 2\^20\)"),
-    ("--seed", 2 ** 20, r"in \[0, 2\^20\)"), ("--device", "tpu", "cpu, cuda or cuda:N"),
+    ("--eval-every", -1, "an integer >= 0"), ("--seed", -1, r"in \[0, 2\^30\)"),
+    ("--seed", 2 ** 30, r"in \[0, 2\^30\)"), ("--device", "tpu", "cpu, cuda or cuda:N"),
 ])
 def test_a_bad_training_option_is_one_line_naming_it(cli, tmp_path, option, value, allowed):
     code, out, err = cli(train, "--problem", "gp1d", option, value, "--out-dir", tmp_path / "run", "--no-progress")
@@ -245,7 +245,7 @@ def test_files_that_are_not_checkpoints_get_one_line_and_no_unsafe_advice(cli, t
     (["--eta", -1], "--eta must be a number >= 0"), (["--temperature", 0], "--temperature must be a number > 0"),
     (["--guidance", 2], "--guidance must be 1 for this checkpoint: guidance needs a model trained with "
                         "--ctxt-drop-prob > 0"),
-    (["--seed", -1], "--seed must be in [0, 2^20)"),
+    (["--seed", -1], "--seed must be in [0, 2^30)"),
     (["--figure", "no/such/folder/x.png"], "--figure 'no/such/folder/x.png': the folder 'no/such/folder' does not"),
 ])
 def test_a_bad_sampling_option_is_refused_before_any_sampling(cli, monkeypatch, gp1d_ckpt, args, message):

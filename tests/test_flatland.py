@@ -335,3 +335,10 @@ def test_an_untrained_model_scores_far_above_the_floor_and_pictures_are_written(
 
 def test_flatland_notebook_runs_top_to_bottom(run_notebook):
     run_notebook("flatland.ipynb")
+
+
+def test_psnr_of_identical_observations_is_finite():
+    """Seen with 1 context and 2 samples: every exact sample was the true scene, and psnr divided by zero."""
+    x = torch.rand(2, 3, 16)
+    assert math.isfinite(flatland.psnr(x, x)) and flatland.psnr(x, x) > 100
+    assert flatland.psnr(x, x + 0.1) < flatland.psnr(x, x)

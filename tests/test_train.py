@@ -96,20 +96,43 @@ def test_torchrun_with_two_processes(tmp_path):
     assert ckpt["step"] == 4 and cfg.batch_size == 8
 
 
-def test_training_and_held_out_streams_never_share_a_seed():
+def first_draws(generator, n=4):
+    """What a generator actually draws: the property the streams promise is about these numbers."""
+    return tuple(torch.rand(n, generator=generator).tolist())
+
+
+def test_distinct_seeds_draw_distinct_training_numbers():
     import toy_problems
-    train_seeds = {toy_problems.stream_seed("train", s, k, r) for s in range(4) for k in range(300) for r in range(4)}
-    held_out = {toy_problems.stream_seed("held_out", s) for s in range(2000)}
-    assert not train_seeds & held_out and len(train_seeds) == 4 * 300 * 4
-    assert all(x % 2 == 0 for x in train_seeds) and all(x % 2 == 1 for x in held_out)  # by construction: the last bit
+    draws = {first_draws(toy_problems.train_generator(s, k, r)) for s in range(3) for k in range(200) for r in range(3)}
+    assert len(draws) == 3 * 200 * 3  # every (seed, step, rank) draws its own numbers
+    # the defect this replaces: torch keeps 32 bits of a seed, so --seed was packed away and lost
+    assert first_draws(torch.Generator().manual_seed(2 ** 40 + 7)) == first_draws(torch.Generator().manual_seed(7))
+
+
+def test_no_training_step_or_data_set_draws_what_the_held_out_stream_draws():
+    import toy_problems
+    held_out = [first_draws(toy_problems.held_out_generator(s)) for s in range(1000)]
+    assert len(set(held_out)) == 1000  # every evaluation seed its own contexts
+    training = {first_draws(toy_problems.train_generator(s, k, r)) for s in range(4) for k in range(500) for r in range(4)}
+    datasets = {first_draws(toy_problems.dataset_generator(s)) for s in range(1000)}
+    assert not training & set(held_out) and not datasets & set(held_out) and not datasets & training
     with pytest.raises(ValueError, match="seed"):
         toy_problems.stream_seed("train", -1)
-    # The data itself: the old scheme made training step k with --seed 1 reuse held-out seed k.
-    from toy_problems import motion
-    held = motion.held_out_batch(16, seed=0)["trgt_params"]
-    for step in range(3):
-        batch = motion.sample_batch(16, toy_problems.train_generator(1, step))
-        assert not torch.equal(batch["trgt_params"], held)
+    with pytest.raises(ValueError, match="seed"):
+        toy_problems.stream_seed("held_out", 2 ** 30)
+
+
+@pytest.mark.parametrize("name", ["gp1d", "flatland", "motion", "gan_inversion", "scenes3d"])
+def test_every_problem_gets_other_data_for_other_seeds(name):
+    import toy_problems
+    problem = toy_problems.load(name)
+    key = "ctxt_obs"
+    held = [problem.held_out_batch(4, seed=s)[key] for s in range(3)]
+    train0, train1 = (problem.sample_batch(4, toy_problems.train_generator(s, 0))[key] for s in range(2))
+    assert not torch.equal(train0, train1)  # --seed 0 and --seed 1 train on different data
+    assert not torch.equal(held[0], held[1]) and not torch.equal(held[1], held[2])  # evaluate(seed=...) too
+    for x in (train0, train1):
+        assert not any(torch.equal(x, h) for h in held)
 
 
 @pytest.mark.parametrize("problem", ["gp1d", "flatland", "motion", "gan_inversion"])

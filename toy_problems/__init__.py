@@ -24,9 +24,10 @@ of study.py need:
                                          a forward model that differs from the data's (train.py --forward-error)
 
 Random streams. Training step k on process r of a run with seed s draws its data from
-train_generator(s, k, r); evaluation draws from held_out_generator(s). The two are seeded
-with different integers for every (s, k, r), by construction (stream_seed), so held-out
-contexts are never training examples' contexts unless two streams collide by chance.
+train_generator(s, k, r); evaluation draws from held_out_generator(s), and a fixed, finite
+data set (train.py --signals) from dataset_generator(s). The three streams can never seed a
+generator alike, whatever s, k and r (stream_seed says how), so a held-out context is never
+a training example's context, and distinct seeds draw distinct numbers.
 """
 import importlib
 
@@ -46,31 +47,43 @@ def load(name):
     return importlib.import_module(f"toy_problems.{name}")
 
 
-SEED_BITS, STEP_BITS, RANK_BITS = 20, 32, 10
+SEED_BITS = 30  # --seed and evaluation seeds are in [0, 2^30)
+_MASK64 = 2 ** 64 - 1
+
+
+def _mix64(x):
+    """splitmix64's finaliser: a bijection of 64-bit integers whose every output bit depends on every input bit."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def stream_seed(stream, seed, step=0, rank=0):
-    """One integer per (stream, seed, step, rank), distinct for every distinct tuple.
+    """The 32-bit integer that seeds the generator of one (stream, seed, step, rank).
 
-    The fields are packed into disjoint bits of a 63-bit integer (seed | step | rank | stream),
-    so that the training stream (last bit 0) and the held-out stream (last bit 1) never share a
-    seed, whatever the seed, step or number of processes.
+    Why 32 bits: torch's CPU generator (a Mersenne Twister) keeps only the low 32 bits of
+    its seed: manual_seed(2**40 + 7) draws exactly what manual_seed(7) draws. Fields packed
+    above bit 31 would be thrown away (they were, in an earlier version of this function:
+    every --seed drew the same training data). So the two top bits name the stream, and the
+    rest is the seed itself or, for training, a well-mixed hash:
+        held_out   11 | seed                          distinct per evaluation seed, by construction
+        dataset    10 | seed                          a run's fixed, finite data set
+        train       0 | splitmix64(seed, step, rank)  31 bits
+    A training seed therefore never equals a held-out or data-set seed. Two training tuples
+    share a seed only by chance (about 2^-31 per pair), which would repeat one training batch.
     """
-    streams = {"train": 0, "held_out": 1}
-    if stream not in streams:
-        raise ValueError(f"unknown stream {stream!r}: expected one of {', '.join(streams)}")
-    for name, value, bits in (("seed", seed, SEED_BITS), ("step", step, STEP_BITS), ("rank", rank, RANK_BITS)):
-        if not 0 <= value < 2 ** bits:
-            raise ValueError(f"{name} must be in [0, 2^{bits}), got {value}")
-    return (((seed << STEP_BITS | step) << RANK_BITS | rank) << 1) | streams[stream]
-
-
-def dataset_seed(seed):
-    """The seed of a run's fixed, finite training set (train.py --signals): bit 63 set, above
-    every packed seed of stream_seed, so it is neither a training step's nor a held-out seed."""
+    if stream not in ("train", "held_out", "dataset"):
+        raise ValueError(f"unknown stream {stream!r}: expected train, held_out or dataset")
     if not 0 <= seed < 2 ** SEED_BITS:
         raise ValueError(f"seed must be in [0, 2^{SEED_BITS}), got {seed}")
-    return 1 << 63 | seed
+    if step < 0 or rank < 0:
+        raise ValueError(f"step and rank must be >= 0, got step {step}, rank {rank}")
+    if stream == "held_out":
+        return 0b11 << 30 | seed
+    if stream == "dataset":
+        return 0b10 << 30 | seed
+    return _mix64(_mix64(_mix64(seed) ^ step) ^ rank) & (2 ** 31 - 1)
 
 
 def train_generator(seed, step, rank=0):
@@ -81,6 +94,11 @@ def train_generator(seed, step, rank=0):
 def held_out_generator(seed):
     """The generator of a problem's held-out evaluation contexts."""
     return torch.Generator().manual_seed(stream_seed("held_out", seed))
+
+
+def dataset_generator(seed):
+    """The generator of a run's fixed, finite training set (train.py --signals)."""
+    return torch.Generator().manual_seed(stream_seed("dataset", seed))
 
 
 def finite_batch(views, batch_size, generator, n_ctxt=1, fixed_context=False, device="cpu"):
