@@ -142,7 +142,9 @@ def composite(sigma, rgb, t, far, background=0.0):
     Returns a dict: rgb (..., C), depth (..., ) the expected distance at which the ray stops
     (the background counts as stopping at `far`), opacity (...,) = sum_i w_i, weights (..., S).
     """
-    sigma, rgb, t, far = sigma.float(), rgb.float(), t.float(), far.float()  # always float32, even under bf16 autocast
+    # at least float32, even under bf16 autocast (low precision loses the transmittance); float64 stays float64
+    dtype = torch.promote_types(torch.promote_types(sigma.dtype, rgb.dtype), torch.float32)
+    sigma, rgb, t, far = sigma.to(dtype), rgb.to(dtype), t.to(dtype), far.to(dtype)
     deltas = torch.cat([t[..., 1:] - t[..., :-1], far[..., None] - t[..., -1:]], dim=-1).clamp(min=0)  # (..., S)
     tau = sigma * deltas  # optical thickness of each segment
     alpha = 1 - torch.exp(-tau)

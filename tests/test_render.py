@@ -212,6 +212,15 @@ def test_compositing_stays_float32_under_bf16_inputs():
     assert out["rgb"].dtype == out["weights"].dtype == torch.float32
 
 
+def test_compositing_keeps_float64_so_a_gradcheck_is_exact():
+    t = torch.linspace(0, 1, 6, dtype=torch.float64).expand(2, 6)
+    sigma = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
+    rgb = torch.rand(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    far = torch.ones(2, dtype=torch.float64)
+    assert render.composite(sigma, rgb, t, far)["rgb"].dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda s, c: render.composite(s, c, t, far)["rgb"], (sigma, rgb))
+
+
 def test_a_coarse_pass_without_gradients_gives_the_same_render_and_trains_through_the_fine_pass():
     center = torch.tensor([0.0, 0.0, 2.0], requires_grad=True)
 

@@ -36,6 +36,40 @@ def test_a_patch_renders_exactly_the_pixels_of_the_whole_image():
     assert (rows.view(6, 6).diff(dim=0) == 1).all() and (cols.view(6, 6).diff(dim=1) == 1).all()
 
 
+def test_training_views_favour_the_hidden_half_by_geometry_alone():
+    """Far-side target cameras and patches centred on the sphere: chosen from where things are,
+    never from their colours, so the objective's optimum (the posterior) does not move."""
+    b = scenes3d.sample_batch(400, torch.Generator().manual_seed(0))
+    position = b["trgt_params"]["c2w"][:, :3, 3]  # (B, 3) the camera centres
+    relative = (torch.atan2(position[:, 1], position[:, 0]) - scenes3d_world.CONTEXT_AZIMUTH) % (2 * math.pi)
+    far = ((relative > math.pi / 2) & (relative < 3 * math.pi / 2)).float().mean()
+    assert abs(far - (scenes3d.FAR_TARGETS + (1 - scenes3d.FAR_TARGETS) / 2)) < 0.06  # 0.85: 0.7 plus half the rest
+    uv, _ = scenes3d.render.project(b["scenes"]["center"], b["trgt_params"]["c2w"], b["trgt_params"]["K"])
+    centre = (uv[:, 0].flip(-1) * 32).long().clamp(0, 31)  # (B, 2) row, column of the sphere's centre
+    holds = (b["pixels"] == (centre[:, :1] * 32 + centre[:, 1:])).any(1).float().mean()
+    assert holds > scenes3d.ON_SPHERE_PATCHES  # the centred ones, plus random ones that happen to hold it
+    recoloured = scenes3d_world.with_back_colours(b["scenes"], (b["scenes"]["back"] + 1) % 4)
+    assert torch.equal(scenes3d.patches(b["scenes"], b["trgt_params"], 32, 12, torch.Generator().manual_seed(1)),
+                       scenes3d.patches(recoloured, b["trgt_params"], 32, 12, torch.Generator().manual_seed(1)))
+
+
+def test_the_target_view_reaches_points_the_context_sees_only_through_the_front():
+    """A back-half point projects into the context image onto the front pixel that hides it; the
+    denoising field keeps the target's features apart from the contexts' mean, and the
+    context-only field never sees a target at all."""
+    model = tiny_model().eval()
+    b = scenes3d.sample_batch(2, torch.Generator().manual_seed(0), setting=TINY)
+    t = torch.tensor([10, 10])
+    with torch.no_grad():
+        signal = model.predict(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], t)
+        points = b["scenes"]["center"] - 0.9 * b["scenes"]["radius"][..., None] * b["scenes"]["normal"]  # (B, 1, 3) on the back
+        views = signal["views"]
+        other = {**views, "feats": torch.cat([views["feats"][:, :-1], torch.randn_like(views["feats"][:, -1:])], 1)}
+        assert not torch.allclose(signal["field"](views, points)[1], signal["field"](other, points)[1])
+        assert signal["context_only"]["field"] is model.denoiser.context_field is not signal["field"]
+        assert signal["context_only"]["views"]["feats"].shape[1] == 1  # the context alone
+
+
 @pytest.mark.parametrize("kind", ["dfm", "deterministic"])
 def test_one_training_step_reaches_every_weight(kind):
     model = tiny_model(kind)
@@ -115,7 +149,8 @@ def test_sampling_gives_a_field_that_renders_from_any_camera():
 def test_evaluate_plot_and_animate_run_and_the_scores_are_in_range(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "load_lpips", lambda: (None, "LPIPS unavailable: not fetched in tests"))
     model = tiny_model()
-    scores = scenes3d_eval.evaluate(model, n_contexts=2, n_samples=2, steps=2)
+    scores = scenes3d_eval.evaluate(model, n_contexts=2, n_samples=2, steps=2, histogram_path=tmp_path / "hist.png")
+    assert (tmp_path / "hist.png").stat().st_size > 0
     assert math.isnan(scores["lpips_context"])  # reported as unavailable, never made up
     assert 0 <= scores["back_tv"] <= 0.75 and 0 <= scores["sharp"] <= 1 and 0 <= scores["consistent"] <= 1
     assert scores["views"] > scores["views_floor"] >= 0  # an untrained model is far from the posterior
@@ -181,3 +216,19 @@ def test_the_3d_problem_trains_under_torchrun(tmp_path):
                          cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert train.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))[0]["step"] == 1
+
+
+def test_diagnose3d_checks_the_sampler_against_the_exact_denoiser_and_prints_every_number(tmp_path, monkeypatch, capsys):
+    import diagnose3d
+    monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", TINY)
+    train.train(config.make_config("scenes3d", steps=1, batch_size=1, out_dir=str(tmp_path)), progress=False)
+    monkeypatch.setattr("sys.argv", ["diagnose3d.py", str(tmp_path / "ckpt.pt"), "--n-contexts", "2",
+                                     "--n-samples", "4", "--steps", "2"])
+    diagnose3d.main()
+    out = capsys.readouterr().out
+    assert all(f"{k}. " in out for k in range(1, 5)) and out.count("\n   ") == 1 + len(diagnose3d.T_READ)
+    # the exact denoiser's samples commit (every one sharp) and differ (not all one colour: tv 0.75)
+    b = scenes3d.held_out_batch(4)
+    far = scenes3d_eval.cameras_at(180.0, 4, TINY, "cpu")
+    scores = diagnose3d.check_sampler(b, far, TINY.world, tiny_model().abar, 8, 20, torch.Generator().manual_seed(0))
+    assert scores["sharp"] == 1 and scores["tv"] < 0.6

@@ -43,7 +43,7 @@ def load(name):
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}: expected one of {', '.join(PROBLEMS)}")
     if name.startswith("scenes3d"):
-        return importlib.import_module("toy_problems.scenes3d").problem(name)
+        return importlib.import_module("toy_problems.scenes3d_eval").problem(name)
     return importlib.import_module(f"toy_problems.{name}")
 
 

@@ -23,12 +23,12 @@ The comparison model is dfm.Deterministic with the same networks (pixelNeRF-styl
 no oracle: the signal is a field computed by the networks, not something the data hold.
 
 Problem names: "scenes3d" (32x32, one sphere, sized for a laptop CPU), "scenes3d-64" and
-"scenes3d-128" (larger networks, two spheres, for GPUs). `problem(name)` returns the toy
-protocol for one of them.
+"scenes3d-128" (larger networks, two spheres, for GPUs). The modules depend one way: the world
+(scenes3d_world.py), then this model, then the protocol with its scores and pictures
+(scenes3d_eval.py, whose problem(name) is what toy_problems.load returns).
 """
 import functools
 import math
-import types
 from dataclasses import dataclass, replace
 
 import torch
@@ -77,31 +77,64 @@ N_FREQS = 4  # positional encoding frequencies
 # Data
 
 
+FAR_TARGETS = 0.7  # share of target cameras on the far half of the ring, where the hidden halves are
+ON_SPHERE_PATCHES = 0.5  # share of target and novel patches centred on a sphere
+
+
 def sample_batch(batch_size, generator, device="cpu", setting=SETTINGS["scenes3d"]):
-    """Scenes from the prior seen by the context camera and two random ring cameras (target, novel),
-    with one random patch of the target and of the novel view for the loss.
+    """Scenes from the prior seen by the context camera and two ring cameras (target, novel), with
+    one patch of the target and of the novel view for the loss.
+
+    The hidden halves are a small part of a random view (about 5 % of a random patch), too little
+    for the model to learn to commit to a colour there (README, 3D scenes). So, chosen from the
+    geometry and never from the colours, which leaves the objective's optimum where it was:
+    FAR_TARGETS of the target cameras lie on the far half of the ring (azimuth opposite the
+    context +- 90 degrees), the rest and every novel camera anywhere on the ring; and
+    ON_SPHERE_PATCHES of the patches are centred on a sphere's projected centre (jittered), the
+    rest anywhere in the image.
 
     ctxt_obs (B, 1, 3, H, W), trgt_obs / novel_obs (B, 3, H, W), params dicts c2w (B, [1,] 4, 4), K;
     pixels, novel_pixels (B, P) indices of a patch x patch square in the flattened image.
     """
-    w = setting.world
-    scenes = world_lib.sample_scenes(batch_size, generator, w)
-    azimuths = torch.rand(batch_size, 2, generator=generator) * 2 * math.pi  # target, novel
-    ctxt_params = world_lib.cameras(torch.full((batch_size, 1), world_lib.CONTEXT_AZIMUTH), world=w)
+    w, B = setting.world, batch_size
+    scenes = world_lib.sample_scenes(B, generator, w)
+    azimuths = torch.rand(B, 2, generator=generator) * 2 * math.pi  # (B, 2) target, novel: anywhere on the ring
+    far = torch.rand(B, generator=generator) < FAR_TARGETS
+    far_azimuth = world_lib.CONTEXT_AZIMUTH + math.pi + (torch.rand(B, generator=generator) - 0.5) * math.pi
+    azimuths[:, 0] = torch.where(far, far_azimuth, azimuths[:, 0])
+    ctxt_params = world_lib.cameras(torch.full((B, 1), world_lib.CONTEXT_AZIMUTH), world=w)
     trgt_params, novel_params = world_lib.cameras(azimuths[:, 0], world=w), world_lib.cameras(azimuths[:, 1], world=w)
     ctxt_obs = world_lib.render_scenes(scenes, {k: v[:, 0] for k, v in ctxt_params.items()}, w)[:, None]
     batch = dict(ctxt_obs=ctxt_obs, ctxt_params=ctxt_params,
                  trgt_obs=world_lib.render_scenes(scenes, trgt_params, w), trgt_params=trgt_params,
                  novel_obs=world_lib.render_scenes(scenes, novel_params, w), novel_params=novel_params,
-                 pixels=random_patches(batch_size, w.size, setting.patch, generator),
-                 novel_pixels=random_patches(batch_size, w.size, setting.patch, generator),
+                 pixels=patches(scenes, trgt_params, w.size, setting.patch, generator),
+                 novel_pixels=patches(scenes, novel_params, w.size, setting.patch, generator),
                  scenes=scenes)  # the truth, for scoring only
     return dfm.map_batch(lambda v: v.to(device), batch)
 
 
+def patches(scenes, params, size, patch, generator):
+    """Indices (B, patch*patch) of one square patch per image: ON_SPHERE_PATCHES of them centred on
+    the projection of a random sphere's centre (jittered by up to size/10 pixels), the others anywhere."""
+    B, M = scenes["center"].shape[:2]
+    uv, _ = render.project(scenes["center"], params["c2w"], params["K"])  # (B, M, 2) in [0, 1]
+    which = torch.randint(M, (B,), generator=generator)
+    centre = uv[torch.arange(B), which].flip(-1) * size  # (B, 2) row, column in pixels
+    jitter = torch.randint(-(size // 10), size // 10 + 1, (B, 2), generator=generator)
+    on_sphere = (centre - patch / 2).round().long() + jitter
+    anywhere = torch.randint(0, size - patch + 1, (B, 2), generator=generator)
+    use = (torch.rand(B, generator=generator) < ON_SPHERE_PATCHES)[:, None]
+    return square_patches(torch.where(use, on_sphere, anywhere).clamp(0, size - patch), size, patch)
+
+
 def random_patches(batch_size, size, patch, generator):
     """Indices (B, patch*patch) of a random square patch in a flattened size x size image, row by row."""
-    corner = torch.randint(0, size - patch + 1, (batch_size, 2), generator=generator)  # (B, 2) row, column
+    return square_patches(torch.randint(0, size - patch + 1, (batch_size, 2), generator=generator), size, patch)
+
+
+def square_patches(corner, size, patch):
+    """Indices (B, patch*patch) of the patch x patch squares whose top-left pixels are corner (B, 2) (row, column)."""
     rows = corner[:, :1] + torch.arange(patch).repeat_interleave(patch)  # (B, P)
     cols = corner[:, 1:] + torch.arange(patch).repeat(patch)
     return rows * size + cols
@@ -157,14 +190,30 @@ class FieldBlock(nn.Module):
 
 
 class Field(nn.Module):
-    """The pixel-aligned radiance field: points (B, P, 3) seen from V views -> sigma, colour, features."""
+    """The pixel-aligned radiance field: points (B, P, 3) seen from V views -> sigma, colour, features.
 
-    def __init__(self, feat, width, out_feat, cam_dist):
+    Each view's feature at a point's projection, with the point's position in that camera's
+    frame, goes through a FieldBlock modulated by that view's timestep. Then:
+    - with_target=False (the context-only field): the mean over the context views that see the point;
+    - with_target=True (the denoising field): the last view is the noisy target. The mean over the
+      contexts is concatenated with the target's own vector and its "seen" flag, merged, and
+      modulated once more by the target's timestep. A back-half point projects into the context
+      image onto the *front* pixel that hides it (render.lookup tests the frustum, not
+      occlusion), so a plain mean over all views would average that front colour 50/50 with the
+      target's evidence; kept apart, the network can let the target win where it should (the
+      diagnostics of diagnose3d.py measured this: README, 3D scenes).
+    """
+
+    def __init__(self, feat, width, out_feat, cam_dist, with_target):
         super().__init__()
         self.cam_dist = cam_dist  # depths are encoded relative to the cameras' distance from the scene
+        self.with_target = with_target
         self.inp = nn.Linear(feat + 3 * (1 + 2 * N_FREQS), width)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU())
-        self.view_blocks = nn.ModuleList([FieldBlock(width)])  # per view, before pooling
+        self.view_block = FieldBlock(width)  # per view, before pooling
+        if with_target:
+            self.merge = nn.Linear(2 * width + 1, width)  # [mean of contexts, target, target sees the point]
+            self.target_block = FieldBlock(width)  # after merging, modulated by the target's timestep
         self.joint = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width),
                                    nn.SiLU())
         self.head = nn.Linear(width, 1 + 3 + out_feat)
@@ -183,11 +232,15 @@ class Field(nn.Module):
         angles = (cam[..., None] * freqs).flatten(-2)  # (B, V, P, 3 * N_FREQS)
         h = self.inp(torch.cat([feats, cam, angles.sin(), angles.cos()], dim=-1))  # (B, V, P, width)
         temb = self.time(dfm.timestep_embedding(views["t"].flatten(), self.width)).view(*views["t"].shape, 1, -1)
-        for block in self.view_blocks:
-            h = block(h, temb)  # (B, V, P, width)
-        w = seen.float()[..., None]  # average over the views that see the point
-        h = self.joint((h * w).sum(1) / w.sum(1).clamp(min=1))  # (B, P, width)
-        out = self.head(h)
+        h = self.view_block(h, temb)  # (B, V, P, width)
+        n_ctxt = h.shape[1] - 1 if self.with_target else h.shape[1]
+        w = seen[:, :n_ctxt].float()[..., None]  # average over the context views that see the point
+        pooled = (h[:, :n_ctxt] * w).sum(1) / w.sum(1).clamp(min=1)  # (B, P, width)
+        if self.with_target:
+            seen_trgt = seen[:, -1].float()[..., None]  # (B, P, 1)
+            pooled = self.merge(torch.cat([pooled, h[:, -1] * seen_trgt, seen_trgt], dim=-1))  # (B, P, width)
+            pooled = self.target_block(pooled, temb[:, -1])
+        out = self.head(self.joint(pooled))
         return F.softplus(out[..., 0] - 1), torch.sigmoid(out[..., 1:4]), out[..., 4:]
 
 
@@ -195,7 +248,9 @@ class Denoiser(nn.Module):
     """(context views, noisy target, cameras, t) -> the signal: a field over the context and target views.
 
     The signal is a dict that forward() renders: the field network, every view's features,
-    cameras and timesteps, and the render settings.
+    cameras and timesteps (the target last), and the render settings. The context-only signal
+    used for the conditioning has a field of its own, as in the authors' model: its regression
+    loss would otherwise pull the denoising field's hidden half towards the mean colour.
     """
 
     def __init__(self, setting):
@@ -203,22 +258,23 @@ class Denoiser(nn.Module):
         s = self.setting = setting
         self.ctxt_encoder = Encoder(3, s.ch, s.feat)
         self.trgt_encoder = Encoder(3 + 3 + 1 + s.out_feat, s.ch, s.feat)  # noisy target + conditioning render
-        self.field = Field(s.feat, s.width, s.out_feat, s.world.cam_dist)
+        self.context_field = Field(s.feat, s.width, s.out_feat, s.world.cam_dist, with_target=False)
+        self.field = Field(s.feat, s.width, s.out_feat, s.world.cam_dist, with_target=True)
 
-    def signal(self, feats, c2w, K, t):
-        return {"field": self.field, "setting": self.setting,
-                "views": {"feats": feats, "c2w": c2w, "K": K, "t": t}}
+    def signal(self, field, feats, c2w, K, t):
+        return {"field": field, "setting": self.setting, "views": {"feats": feats, "c2w": c2w, "K": K, "t": t}}
 
     def forward(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
         B, Nc = ctxt_obs.shape[:2]
         zeros = torch.zeros(B * Nc, dtype=torch.long, device=t.device)
         ctxt_feats = self.ctxt_encoder(ctxt_obs.flatten(0, 1), zeros).unflatten(0, (B, Nc))  # (B, Nc, F, h, w)
-        context_only = self.signal(ctxt_feats, ctxt_params["c2w"], ctxt_params["K"], zeros.view(B, Nc))
+        context_only = self.signal(self.context_field, ctxt_feats, ctxt_params["c2w"], ctxt_params["K"],
+                                   zeros.view(B, Nc))
         with torch.no_grad():  # 3D-structured conditioning: the context-only field seen from the target camera
             cond = render_image(context_only, trgt_params, self.setting.cond_size)  # (B, 3 + 1 + Cf, c, c)
         cond = F.interpolate(cond, size=noisy_trgt.shape[-2:], mode="bilinear", align_corners=False)
         trgt_feats = self.trgt_encoder(torch.cat([noisy_trgt, cond], dim=1), t)  # (B, F, h, w)
-        signal = self.signal(torch.cat([ctxt_feats, trgt_feats[:, None]], dim=1),
+        signal = self.signal(self.field, torch.cat([ctxt_feats, trgt_feats[:, None]], dim=1),
                              torch.cat([ctxt_params["c2w"], trgt_params["c2w"][:, None]], dim=1),
                              torch.cat([ctxt_params["K"], trgt_params["K"][:, None]], dim=1),
                              torch.cat([zeros.view(B, Nc), t[:, None]], dim=1))
@@ -342,17 +398,3 @@ def lpips_or_none():
     lpips_model, message = metrics.load_lpips()
     print(f"scenes3d: LPIPS loss {'on' if lpips_model is not None else 'off'}: {message}")
     return lpips_model
-
-
-def problem(name):
-    """The toy protocol (see toy_problems/__init__.py) for "scenes3d", "scenes3d-64" or "scenes3d-128"."""
-    from toy_problems import scenes3d_eval  # scores and pictures
-    setting = SETTINGS[name]
-    return types.SimpleNamespace(
-        NAME=name, SETTING=setting, TRAIN_DEFAULTS=TRAIN_DEFAULTS[name], forward=forward,
-        obs_loss=functools.partial(obs_loss, setting=setting),
-        sample_batch=functools.partial(sample_batch, setting=setting),
-        held_out_batch=functools.partial(held_out_batch, setting=setting),
-        make_denoiser=functools.partial(make_denoiser, setting=setting),
-        exact_posterior=functools.partial(scenes3d_eval.exact_posterior, setting=setting),
-        evaluate=scenes3d_eval.evaluate, plot=scenes3d_eval.plot, animate=scenes3d_eval.animate)

@@ -1,4 +1,5 @@
-"""Scores and pictures of the 3D problem: model samples against the exact posterior, view by view.
+"""The 3D problem's protocol: scores and pictures of model samples against the exact posterior, view
+by view, and problem(name), the toy protocol that toy_problems.load returns.
 
 Sampling: the target camera is the one straight opposite the context camera, where the hidden
 back halves are in full view, so every sample has to commit to a back colour; the sampled
@@ -18,7 +19,9 @@ Scores (evaluate):
 - views: energy distance between renders from a ring of cameras of model samples and of exact
   posterior samples (rendered exactly), with views_floor for two exact sample sets.
 """
+import functools
 import math
+import types
 
 import matplotlib
 matplotlib.use("Agg")
@@ -27,7 +30,7 @@ import torch
 
 import dfm
 import metrics
-from toy_problems import scenes3d_world as world_lib
+from toy_problems import scenes3d, scenes3d_world as world_lib
 
 N_PROBES = 8  # ring cameras for the view energy distance
 NEAR_DEG = 20.0  # "close to the context view"
@@ -63,9 +66,9 @@ def render_at(forward, signal, degrees, n, setting, device):
     return forward(signal, cameras_at(degrees, n, setting, device))
 
 
-def evaluate(model, seed=0, n_contexts=8, n_samples=16, steps=50, **sample_kwargs):
-    """The scores of the module docstring (a dict), for held-out contexts of the model's setting."""
-    from toy_problems import scenes3d
+def evaluate(model, seed=0, n_contexts=8, n_samples=16, steps=50, histogram_path=None, **sample_kwargs):
+    """The scores of the module docstring (a dict), for held-out contexts of the model's setting.
+    histogram_path: also save each context's histogram of sampled back colours there (plot_histograms)."""
     setting, forward = model.denoiser.setting, scenes3d.forward
     device = next(model.parameters()).device
     batch = scenes3d.held_out_batch(n_contexts, seed, device, setting)
@@ -90,6 +93,8 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=16, steps=50, **sample_kwarg
         scores["back_tv_floor"] = world_lib.hidden_floor(n, B * w.n_spheres, torch.Generator().manual_seed(seed),
                                                          len(w.palette))
         scores["sharp"] = straight["sharp"]
+        if histogram_path is not None:
+            plot_histograms(straight["histogram"], w.palette, histogram_path)
         both = results[150.0]["valid"] & results[210.0]["valid"]  # (B, M)
         agree = (results[150.0]["nearest"] == results[210.0]["nearest"]).float()  # (B, n, M)
         scores["consistent"] = (agree * both[:, None]).sum().item() / max(1, n * both.sum().item())
@@ -125,54 +130,73 @@ def to_image(obs):
 
 
 @torch.no_grad()
-def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None):
-    """For each context: the context image, then exact posterior samples, model samples (and, if
-    given, a comparison model's prediction), each seen from straight opposite, from the side, and
-    as a depth map from straight opposite."""
-    from toy_problems import scenes3d
+def plot(model, path, seed=0, n_contexts=3, n_samples=6, steps=50, compare=None):
+    """One block of rows per held-out context: the context image and the truth, then two exact
+    posterior samples, n_samples model samples side by side (and, if given, a comparison model's
+    prediction), each seen from straight opposite the context (where the hidden back is), from
+    the side (90 degrees), and as a depth map from straight opposite."""
     setting = model.denoiser.setting
     device = next(model.parameters()).device
     w, B = setting.world, n_contexts
     batch = scenes3d.held_out_batch(B, seed, device, setting)
-    models = [(model.kind, model, n_samples)] + ([(compare.kind + " ", compare, 1)] if compare is not None else [])
     n_exact = 2
     exact = exact_posterior(batch["ctxt_obs"], None, n_exact, torch.Generator(device=device).manual_seed(seed), setting)
     exact = {k: v.flatten(0, 1) for k, v in exact.items()}
-    columns = [("context", None)] + [("exact", i) for i in range(n_exact)]
-    rendered = {}
-    for name, m, n in models:
+    columns = [("context", 0), ("truth", 0)] + [("exact", i) for i in range(n_exact)]
+    rendered, counts = {("context", 180.0): batch["ctxt_obs"]}, {"exact": n_exact, "context": 1, "truth": 1}
+    others = [] if compare is None else [(compare.kind if compare.kind != model.kind else "compared", compare, 1)]
+    for name, m, n in [(model.kind, model, n_samples)] + others:
         signal = sample_scenes(m, batch, n, torch.Generator(device=device).manual_seed(seed), steps)
         for deg in (180.0, 90.0):
             rendered[name, deg] = scenes3d.forward(signal, cameras_at(deg, B * n, setting, device)).view(B, n, 3, w.size, w.size)
         depth = scenes3d.render_pixels(signal, cameras_at(180.0, B * n, setting, device))["depth"]
         rendered[name, "depth"] = depth.view(B, n, w.size, w.size)
         columns += [(name, i) for i in range(n)]
+        counts[name] = n
     for deg in (180.0, 90.0):
         rendered["exact", deg] = world_lib.render_scenes(exact, cameras_at(deg, B * n_exact, setting, device), w).view(
             B, n_exact, 3, w.size, w.size)
-    fig, axes = plt.subplots(3 * B, len(columns), figsize=(1.2 * len(columns), 3.6 * B), squeeze=False)
+        rendered["truth", deg] = world_lib.render_scenes(batch["scenes"], cameras_at(deg, B, setting, device), w)[:, None]
+    rows = [(180.0, "from opposite"), (90.0, "from the side"), ("depth", "depth, opposite")]  # (the context image sits in row 0)
+    fig, axes = plt.subplots(3 * B, len(columns), figsize=(1.05 * len(columns) + 0.6, 3.3 * B), squeeze=False)
     for i in range(B):
-        for j, (name, k) in enumerate(columns):
-            top, side, bottom = axes[3 * i, j], axes[3 * i + 1, j], axes[3 * i + 2, j]
-            if name == "context":
-                top.imshow(to_image(batch["ctxt_obs"][i, 0]))
-                side.imshow(to_image(world_lib.render_scenes({kk: v[i:i + 1] for kk, v in batch["scenes"].items()},
-                                                             cameras_at(180.0, 1, setting, device), w)[0]))
-                top.set_ylabel("context", fontsize=7), side.set_ylabel("truth, opposite", fontsize=7)
-            else:
-                top.imshow(to_image(rendered[name, 180.0][i, k]))
-                side.imshow(to_image(rendered[name, 90.0][i, k]))
-                if (name, "depth") in rendered:
-                    bottom.imshow(rendered[name, "depth"][i, k].cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
-            if i == 0:
-                top.set_title(name, fontsize=7)
+        for r, (key, label) in enumerate(rows):
+            for j, (name, k) in enumerate(columns):
+                ax = axes[3 * i + r, j]
+                if key == "depth" and (name, "depth") in rendered:
+                    ax.imshow(rendered[name, "depth"][i, k].cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+                elif (name, key) in rendered:
+                    ax.imshow(to_image(rendered[name, key][i, k]))
+                if j == 1:
+                    ax.set_ylabel(label, fontsize=7)
+                if r == 0 and (i == 0 or name == "context"):
+                    ax.set_title(f"context {i + 1}" if name == "context" else f"{name} {k + 1}" if counts[name] > 1
+                                 else name, fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_visible(False)
-    fig.suptitle("3D scenes from one image. Each column after the first is one scene: seen from straight opposite\n"
-                 "the context camera (where its hidden back is), from the side (90 deg), and its depth from opposite",
-                 fontsize=8)
+    fig.suptitle("3D scenes sampled from one image. The context camera never sees a sphere's back half, so each "
+                 "sample should\npaint it one palette colour, each colour equally often; a regression paints "
+                 "the average.", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_histograms(histogram, palette, path):
+    """Each context's histogram of sampled back colours (B, K) as bars in the palette's colours,
+    against the exact posterior's uniform 1/K."""
+    B, K = histogram.shape
+    fig, axes = plt.subplots(1, B, figsize=(0.9 * B + 0.5, 1.6), sharey=True, squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.bar(range(K), histogram[i].cpu().numpy(), color=palette)
+        ax.axhline(1 / K, color="black", linestyle="--", linewidth=0.8)
+        ax.set_xticks([]), ax.set_title(f"context {i + 1}", fontsize=7)
+        ax.set_ylim(0, 1)
+    axes[0, 0].set_ylabel("share of samples", fontsize=7)
+    axes[0, 0].tick_params(labelsize=6)
+    fig.suptitle(f"Sampled back colours per held-out context\n(dashed: the exact posterior's 1/{K})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -183,7 +207,6 @@ def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, co
     """A GIF of a camera orbiting sampled scenes of held-out context `index` (the contexts of plot()),
     with the true scene and, if given, a comparison model's prediction."""
     from matplotlib.animation import FuncAnimation, PillowWriter
-    from toy_problems import scenes3d
     setting = model.denoiser.setting
     device = next(model.parameters()).device
     w = setting.world
@@ -237,3 +260,16 @@ def memory_per_sample(name, precision="fp32", seed=0):
     loss.backward()
     activations = sum(storages.values())
     return {"weights": weights, "activations": activations, "total": weights + activations}
+
+
+def problem(name):
+    """The toy protocol (see toy_problems/__init__.py) for "scenes3d", "scenes3d-64" or "scenes3d-128"."""
+    setting = scenes3d.SETTINGS[name]
+    return types.SimpleNamespace(
+        NAME=name, SETTING=setting, TRAIN_DEFAULTS=scenes3d.TRAIN_DEFAULTS[name], forward=scenes3d.forward,
+        obs_loss=functools.partial(scenes3d.obs_loss, setting=setting),
+        sample_batch=functools.partial(scenes3d.sample_batch, setting=setting),
+        held_out_batch=functools.partial(scenes3d.held_out_batch, setting=setting),
+        make_denoiser=functools.partial(scenes3d.make_denoiser, setting=setting),
+        exact_posterior=functools.partial(exact_posterior, setting=setting),
+        evaluate=evaluate, plot=plot, animate=animate)

@@ -1,0 +1,174 @@
+"""Why does (or doesn't) the 3D model sample the hidden half's posterior? Four numbers to check.
+
+    python diagnose3d.py out/bench3d/scenes3d-dfm/ckpt.pt      # a few minutes on a 2-core CPU
+    python diagnose3d.py notebooks/scenes3d-dfm.pt --n-contexts 8 --n-samples 16
+
+In the world of scenes3d the context fixes everything but the back colour of each sphere, so
+the Bayes-optimal denoiser of the far-side view is known in closed form: with R_k the true
+scene rendered with back colour(s) k,
+    p(k | x_t) ~ exp(-|x_t - sqrt(abar_t) R_k|^2 / 2 (1 - abar_t)),   x0*(x_t) = sum_k p(k | x_t) R_k.
+1. sampler: DDIM driven by x0* instead of the network. Its back_tv must sit at the floor and
+   nearly every sample must be sharp; if not, the sampler or the scores are wrong, not the model.
+2. reading: the true far-side view noised to t, denoised once by the model, the field rendered
+   from the far side: how often its back colour is the true one, next to how often x0*'s most
+   likely colour is (the best possible at that t). Wrong at small t: the field cannot let the
+   target view win on the back. Right only at small t: the model never learned to commit at the
+   noise levels where the colour is decided.
+3. diversity: the spread between samples of one context (mean pairwise RMS distance of their
+   far-side renders on the back-half pixels), against the exact posterior's spread; and how
+   often a sample's back copies its front colour (exact: 1 / palette size).
+4. supervision: the share of training patches (target and novel view) that hold back-half
+   pixels, from the problem's own sample_batch.
+"""
+import argparse
+import itertools
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
+
+import torch
+
+import dfm
+import toy_problems
+import train
+from toy_problems import scenes3d, scenes3d_eval, scenes3d_world as world_lib
+
+T_READ = (0, 50, 100, 200, 400, 600, 800)
+
+
+def palette_renders(scenes, params, world):
+    """The true scenes rendered with every assignment of back colours: (B, K^M, 3, H, W), and the
+    assignments (K^M, M)."""
+    K, M = len(world.palette), scenes["center"].shape[1]
+    backs = torch.tensor(list(itertools.product(range(K), repeat=M)))  # (K^M, M)
+    renders = torch.stack([world_lib.render_scenes(world_lib.with_back_colours(scenes, b), params, world) for b in backs], 1)
+    return renders, backs
+
+
+def bayes_posterior(x, renders, abar):
+    """p(k | x_t) for x (B, 3, H, W), renders (B, K, 3, H, W): (B, K)."""
+    sq = ((x[:, None] - abar.sqrt() * renders) ** 2).flatten(2).sum(-1)  # (B, K)
+    return torch.softmax(-sq / (2 * (1 - abar)), dim=1)
+
+
+def back_pixels(scenes, params, world):
+    """Pixels where a true back half is seen, eroded by one pixel: (B, H, W) bool."""
+    parts = world_lib.render_parts(scenes, params, world)
+    return world_lib.erode((parts >= 2) & (parts % 2 == 0))
+
+
+def spread(obs, mask):
+    """Mean pairwise RMS distance between the n samples of each context on its mask: obs (B, n, 3, H, W)."""
+    n = obs.shape[1]
+    d = ((obs[:, :, None] - obs[:, None]) ** 2).mean(3)  # (B, n, n, H, W)
+    m = mask[:, None, None].float()
+    rms = ((d * m).sum((-2, -1)) / m.sum((-2, -1)).clamp(min=1)).sqrt()  # (B, n, n)
+    return (rms.sum((1, 2)) / (n * (n - 1))).mean().item()
+
+
+def check_sampler(batch, far, world, abar, n, steps, generator):
+    """1. DDIM with the exact x0*: its back_tv, floor and sharp."""
+    B = batch["ctxt_obs"].shape[0]
+    renders, _ = palette_renders(batch["scenes"], far, world)  # (B, K, 3, H, W)
+    renders = renders.repeat_interleave(n, 0)  # (B*n, K, ...)
+    x = torch.randn(renders[:, 0].shape, generator=generator)
+    ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
+    for t, t_prev in zip(ts, ts[1:] + [-1]):
+        p = bayes_posterior(x, renders, abar[t])
+        x0 = (p[:, :, None, None, None] * renders).sum(1)
+        x = dfm.ddim_step(x, x0, abar[t], abar[t_prev] if t_prev >= 0 else abar.new_tensor(1.0), 0.0, generator)
+    scores = world_lib.back_colour_scores(x.view(B, n, *x.shape[1:]), batch["scenes"], far, world)
+    floor = world_lib.hidden_floor(n, B * world.n_spheres, torch.Generator().manual_seed(0), len(world.palette))
+    print(f"1. sampler: DDIM ({steps} steps) driven by the exact x0*: back_tv {scores['tv']:.3f} "
+          f"(floor {floor:.3f}), sharp {scores['sharp']:.3f}  [expected: the floor and about 1]")
+    return scores
+
+
+@torch.no_grad()
+def check_reading(model, batch, far, world, generator):
+    """2. One denoising step from the noisy true far view: back-colour accuracy against the Bayes accuracy."""
+    truth = world_lib.render_scenes(batch["scenes"], far, world)  # (B, 3, H, W)
+    renders, backs = palette_renders(batch["scenes"], far, world)
+    true_k = (backs[None] == batch["scenes"]["back"][:, None]).all(-1).float().argmax(1)  # (B,) index of the truth
+    eps = torch.randn(truth.shape, generator=generator)
+    print("2. reading the target: noise the true far view to t, denoise once, render the field from the far side")
+    print("   t     model accuracy  model back RMSE  front copies   Bayes accuracy")
+    for t in T_READ:
+        abar = model.abar[t]
+        x_t = abar.sqrt() * truth + (1 - abar).sqrt() * eps
+        _, x0 = model.denoise(batch["ctxt_obs"], batch["ctxt_params"], x_t, far,
+                              torch.full((truth.shape[0],), t, dtype=torch.long))
+        s = world_lib.back_colour_scores(x0[:, None], batch["scenes"], far, world)
+        v = s["valid"]  # (B, M)
+        accuracy = (s["nearest"][:, 0] == batch["scenes"]["back"])[v].float().mean().item()
+        front = (s["nearest"][:, 0] == batch["scenes"]["front"])[v].float().mean().item()
+        rmse = s["rmse"][:, 0][v].mean().item()
+        bayes = (bayes_posterior(x_t, renders, abar).argmax(1) == true_k).float().mean().item()
+        print(f"   {t:<5d} {accuracy:14.3f} {rmse:16.3f} {front:13.3f} {bayes:16.3f}")
+
+
+@torch.no_grad()
+def check_diversity(model, batch, far, world, n, steps, seed):
+    """3. Spread between samples of one context, and front-colour copies, against the exact posterior's."""
+    B = batch["ctxt_obs"].shape[0]
+    signal = scenes3d_eval.sample_scenes(model, batch, n, torch.Generator().manual_seed(seed), steps)
+    far_n = scenes3d_eval.cameras_at(180.0, B * n, model.denoiser.setting, "cpu")
+    samples = scenes3d.forward(signal, far_n).view(B, n, 3, world.size, world.size)
+    exact = scenes3d_eval.exact_posterior(batch["ctxt_obs"], None, n, torch.Generator().manual_seed(seed), model.denoiser.setting)
+    exact = world_lib.render_scenes({k: v.flatten(0, 1) for k, v in exact.items()}, far_n, world).view_as(samples)
+    mask = back_pixels(batch["scenes"], far, world)
+    s = world_lib.back_colour_scores(samples, batch["scenes"], far, world)
+    front = (s["nearest"] == batch["scenes"]["front"][:, None])[s["valid"][:, None].expand_as(s["nearest"])]
+    print(f"3. diversity ({B} contexts x {n} samples, DDIM {steps} steps): spread of the back {spread(samples, mask):.3f} "
+          f"(exact posterior {spread(exact, mask):.3f}); front copies {front.float().mean().item():.3f} "
+          f"(exact {1 / len(world.palette):.3f}); back_tv {s['tv']:.3f}, sharp {s['sharp']:.3f}")
+
+
+def check_supervision(problem, n=512, seed=0):
+    """4. Training patches that hold back-half pixels, from the problem's sample_batch."""
+    batch = problem.sample_batch(n, torch.Generator().manual_seed(seed))
+    world = problem.SETTING.world
+    line = []
+    for view, pixels in (("trgt_params", "pixels"), ("novel_params", "novel_pixels")):
+        parts = world_lib.render_parts(batch["scenes"], batch[view], world).flatten(1)  # (n, H*W)
+        back = ((parts >= 2) & (parts % 2 == 0)).gather(1, batch[pixels]).sum(1)  # (n,) back pixels in the patch
+        line.append(f"{view.split('_')[0]} patches with back pixels {(back > 0).float().mean().item():.2f}, "
+                    f"with >= 10 {(back >= 10).float().mean().item():.2f}, back share of patch pixels "
+                    f"{back.sum().item() / batch[pixels].numel():.3f}")
+    print("4. supervision: " + "; ".join(line))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a scenes3d DFM checkpoint (a run's ckpt.pt or an exported notebooks/*.pt)")
+    parser.add_argument("--n-contexts", type=int, default=4, help="held-out contexts for checks 1-3 (default 4)")
+    parser.add_argument("--n-samples", type=int, default=8, help="samples per context for checks 1 and 3 (default 8)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="held-out contexts and noise (default 0)")
+    args = parser.parse_args()
+    for name in ("n_contexts", "n_samples", "steps"):
+        if getattr(args, name) < (2 if name == "n_samples" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'n_samples' else 1}")
+    if not os.path.isfile(args.checkpoint):
+        parser.error(f"no checkpoint file at {args.checkpoint}")
+    model, cfg = train.load_ema_model(args.checkpoint)
+    step = train.load_checkpoint(args.checkpoint)[0]["step"]
+    if not cfg.problem.startswith("scenes3d") or model.kind != "dfm":
+        parser.error(f"{args.checkpoint} holds a {cfg.problem} {model.kind} model; expected a scenes3d dfm model")
+    model.eval()
+    problem = toy_problems.load(cfg.problem)
+    setting = model.denoiser.setting
+    world = setting.world
+    batch = problem.held_out_batch(args.n_contexts, seed=args.seed)
+    far = scenes3d_eval.cameras_at(180.0, args.n_contexts, setting, "cpu")
+    print(f"{args.checkpoint}: {cfg.problem} {model.kind} after {step} steps; {args.n_contexts} held-out contexts (seed {args.seed})")
+    check_sampler(batch, far, world, model.abar, args.n_samples, args.steps, torch.Generator().manual_seed(args.seed))
+    check_reading(model, problem.held_out_batch(4 * args.n_contexts, seed=args.seed),
+                  scenes3d_eval.cameras_at(180.0, 4 * args.n_contexts, setting, "cpu"), world,
+                  torch.Generator().manual_seed(args.seed))
+    check_diversity(model, batch, far, world, args.n_samples, args.steps, args.seed)
+    check_supervision(problem, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
