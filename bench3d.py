@@ -3,6 +3,7 @@
     python bench3d.py                          # train (or reuse) both in out/bench3d, score, time, memory
     python bench3d.py --memory-only            # just the memory per sample at 64x64 and 128x128
     python bench3d.py --figures assets         # also refresh the README's figures (tracked in git)
+    python diagnose3d.py out/bench3d/scenes3d-dfm/ckpt.pt   # why the samples do (or don't) commit
 
 For each model it trains with the problem's default budget (or finishes, or loads, the run
 already in --out), scores the EMA weights on held-out contexts (toy_problems/scenes3d_eval.py
@@ -110,14 +111,16 @@ def main():
             model, seconds_per_step = train.train(cfg, resume=path if os.path.exists(path) else None,
                                                   progress=not args.no_progress)
             setting = model.denoiser.setting
-            scores = scenes3d_eval.evaluate(model, seed=args.seed, n_contexts=args.n_contexts, n_samples=args.n_samples)
+            os.makedirs(args.figures, exist_ok=True)
+            histograms = os.path.join(args.figures, f"{args.problem}-{kind}-histograms.png")
+            scores = scenes3d_eval.evaluate(model, seed=args.seed, n_contexts=args.n_contexts, n_samples=args.n_samples,
+                                            histogram_path=histograms)
             scores["train ms/step"] = 1000 * seconds_per_step
             scores["sample s/scene"] = time_sampling(model, setting, cfg.device)
             rows[kind], models[kind] = scores, model
             if args.export:
                 export(path, os.path.join(args.export, f"{args.problem}-{kind}.pt"))
             print(f"{kind}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-        os.makedirs(args.figures, exist_ok=True)
         scenes3d_eval.plot(models["dfm"], os.path.join(args.figures, f"{args.problem}-samples.png"), seed=args.seed,
                            compare=models["deterministic"])
         scenes3d_eval.animate(models["dfm"], os.path.join(args.figures, f"{args.problem}-orbit.gif"), seed=args.seed,
