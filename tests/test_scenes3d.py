@@ -232,3 +232,14 @@ def test_diagnose3d_checks_the_sampler_against_the_exact_denoiser_and_prints_eve
     far = scenes3d_eval.cameras_at(180.0, 4, TINY, "cpu")
     scores = diagnose3d.check_sampler(b, far, TINY.world, tiny_model().abar, 8, 20, torch.Generator().manual_seed(0))
     assert scores["sharp"] == 1 and scores["tv"] < 0.6
+
+
+@pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not on PATH")
+def test_gpu_check_runs_tiny_on_the_cpu(monkeypatch, capsys):
+    import gpu_check
+    monkeypatch.setattr("sys.argv", ["gpu_check.py", "--problem", "scenes3d", "--device", "cpu", "--steps", "2",
+                                     "--batch-size", "1"])
+    gpu_check.main()
+    out = capsys.readouterr().out
+    assert "1. memory per example" in out and "counted" in out and "2. speed:" in out
+    assert "3. one DDP step under torchrun --nproc_per_node=1 (gloo): ok" in out
