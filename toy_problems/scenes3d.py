@@ -66,7 +66,7 @@ SETTINGS = {
                             n_samples=32, n_importance=32, patch=24, cond_size=32, lpips=0.2),
 }
 TRAIN_DEFAULTS = {
-    "scenes3d": dict(steps=3000, batch_size=8, lr=5e-4, warmup=200, ctxt_drop_prob=0.1, eval_every=0, ckpt_every=250),
+    "scenes3d": dict(steps=4500, batch_size=8, lr=5e-4, warmup=200, ctxt_drop_prob=0.1, eval_every=0, ckpt_every=250),
     "scenes3d-64": dict(steps=100_000, batch_size=32, lr=2e-4, warmup=1000, ctxt_drop_prob=0.1, eval_every=0),
     "scenes3d-128": dict(steps=100_000, batch_size=16, lr=1e-4, warmup=1000, ctxt_drop_prob=0.1, eval_every=0),
 }
