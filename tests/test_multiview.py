@@ -153,3 +153,63 @@ def test_blender_converts_opengl_axes():
     assert depth.item() == pytest.approx(4.0)  # in front, at distance 4
     up = render.project(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor(cv, dtype=torch.float32), torch.eye(3))[0]
     assert up[0, 1] < 0  # world +y (OpenGL's image up) is up in the image: smaller v
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line naming the file and what was expected
+
+
+def written_re10k(tmp_path, n=3):
+    c2w, K = known_cameras(12, 16)
+    images, _ = render_known(c2w[:n], K[:n], 12, 16)
+    path = str(tmp_path / "train" / "seq0.txt")
+    multiview.write_re10k(path, c2w[:n], K[:n], images)
+    return path
+
+
+def edit_line(path, number, edit):
+    lines = open(path).read().splitlines()
+    lines[number - 1] = edit(lines[number - 1])
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+def test_a_missing_frame_is_named(tmp_path):
+    path = written_re10k(tmp_path)
+    os.remove(tmp_path / "train" / "seq0" / "2000.png")
+    with pytest.raises(FileNotFoundError, match=r"seq0/2000\.png: missing frame of .*seq0\.txt"):
+        multiview.load_scene(path, "re10k")
+
+
+def test_a_camera_line_with_the_wrong_number_of_columns_is_named(tmp_path):
+    path = written_re10k(tmp_path)
+    edit_line(path, 3, lambda line: line.rsplit(" ", 1)[0])  # drop the last column of the second camera
+    with pytest.raises(ValueError, match=r"seq0\.txt: line 3 has 18 columns; expected 19"):
+        multiview.load_scene(path, "re10k")
+
+
+def test_a_non_invertible_pose_is_named(tmp_path):
+    path = written_re10k(tmp_path)
+    edit_line(path, 2, lambda line: " ".join(line.split()[:7] + ["0"] * 12))
+    with pytest.raises(ValueError, match=r"seq0\.txt: the pose on line 2 is not invertible"):
+        multiview.load_scene(path, "re10k")
+    c2w, K = known_cameras(8, 8, centred=True)
+    c2w[1, :3, :3] *= 2  # a scaled camera: invertible, but not a rigid pose
+    blender = str(tmp_path / "b" / "transforms_train.json")
+    multiview.write_blender(blender, c2w, K, torch.zeros(len(c2w), 3, 8, 8))
+    with pytest.raises(ValueError, match=r"transforms_train\.json: the pose of frame 1 is not a rotation"):
+        multiview.load_scene(blender, "blender")
+
+
+def test_an_image_whose_size_disagrees_with_its_annotation_is_named(tmp_path):
+    c2w, K = known_cameras(10, 14)
+    multiview.write_co3d(str(tmp_path), "cat", "s", c2w, K, torch.zeros(len(c2w), 3, 10, 14))
+    from PIL import Image
+    Image.new("RGB", (14, 12)).save(tmp_path / "cat" / "s" / "images" / "frame000002.png")
+    with pytest.raises(ValueError, match=r"frame000002\.png: the image is 14x12 \(WxH\), but .*frame_annotations"
+                                         r"\.jgz says 14x10"):
+        multiview.load_scene(str(tmp_path / "cat" / "s"), "co3d")
+
+
+def test_an_unknown_format_is_refused_with_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="unknown format 'colmap': expected one of re10k, co3d, blender"):
+        multiview.load_scene(str(tmp_path), "colmap")
