@@ -25,7 +25,7 @@ What each format stores and how it is converted (GUIDE section 6):
 Resizing: a centre crop to a square of side c = min(H, W) at (x0, y0) changes fx' = fx W / c,
 cx' = (cx W - x0) / c (the same for y); resizing the square changes nothing in normalised units.
 Every write_* function is the exact inverse of its reader: the tests and meshes.py use them.
-The data sets built on these readers, for training, are in the second half of the file.
+Training on data sets of such sequences (scale, near/far, caching, batches) is in multiview_data.py.
 """
 import gzip
 import json
@@ -338,3 +338,4 @@ def write_blender(path, c2w, K, images, alpha=None, context_frame=None):
         meta["context_frame"] = context_frame
     with open(path, "w") as f:
         json.dump(meta, f, indent=1)
+
