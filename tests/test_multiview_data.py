@@ -164,3 +164,42 @@ def test_data_options_are_checked_before_any_work(tmp_path):
         config.make_config("flatland", data=str(tmp_path), format="co3d").validate()
     with pytest.raises(FileNotFoundError, match="no frame_annotations.jgz"):
         multiview_data.SceneSet(str(tmp_path), "co3d", 32, progress=False)
+
+
+def test_sample_py_samples_scenes_from_ones_own_image_and_scores_a_data_checkpoint(co3d_set, tmp_path, monkeypatch):
+    import metrics
+    import sample
+    from PIL import Image
+    monkeypatch.setattr(metrics, "load_lpips", lambda: (None, "LPIPS unavailable: not fetched in tests"))
+    path, _ = co3d_set
+    for name, extra in (("data", dict(data=path, format="co3d", workers=0)), ("toy", {})):
+        cfg = config.make_config("scenes3d", steps=1, batch_size=2, out_dir=str(tmp_path / name), **extra)
+        train.train(cfg, progress=False)
+    photo = tmp_path / "my.jpg"
+    Image.fromarray((torch.rand(30, 50, 3) * 255).byte().numpy()).save(photo)  # not square, a JPEG
+    for name in ("data", "toy"):  # the data model puts the camera at the origin; the toy at its context camera
+        monkeypatch.setattr("sys.argv", ["sample.py", str(tmp_path / name / "ckpt.pt"), "--image", str(photo),
+                                         "--fov", "60", "--n-samples", "2", "--steps", "2"])
+        sample.main()
+        assert (tmp_path / name / "samples.gif").stat().st_size > 0
+    monkeypatch.setattr("sys.argv", ["sample.py", str(tmp_path / "data" / "ckpt.pt"), "--n-contexts", "2",
+                                     "--n-samples", "2", "--steps", "2"])
+    sample.main()  # a data checkpoint: scores at the context and target views, the figure and orbit GIFs
+    assert (tmp_path / "data" / "samples.png").exists() and (tmp_path / "data" / "samples-0.gif").exists()
+
+
+def test_sample_py_image_errors_are_one_line(tmp_path, monkeypatch, capsys, co3d_set):
+    import re
+    import sample
+    cfg = config.make_config("scenes3d", steps=1, batch_size=1, out_dir=str(tmp_path / "toy"))
+    train.train(cfg, progress=False)
+    garbage = tmp_path / "not-an-image.png"
+    garbage.write_text("hello")
+    for extra, message in [([], "--image needs a checkpoint of a 3D problem .* and --fov"),
+                           (["--fov", "200"], r"--fov must be in \(0, 180\)"),
+                           (["--fov", "50"], "not-an-image.png: not an image PIL can read")]:
+        monkeypatch.setattr("sys.argv", ["sample.py", str(tmp_path / "toy" / "ckpt.pt"), "--image", str(garbage)] + extra)
+        with pytest.raises(SystemExit) as exit:
+            sample.main()
+        err = capsys.readouterr().err.strip()
+        assert exit.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
