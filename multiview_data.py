@@ -165,7 +165,7 @@ class SceneSet:
         """Decode every sequence not cached yet, in DataLoader workers. Each process starts at its own place in
         the list (rank), so that processes of one run share the work; a cache file appears atomically."""
         self.files = [self.cache_file(s) for s in self.sequences]
-        start = rank * len(self.files) // 8 % len(self.files)
+        start = rank * len(self.files) // int(os.environ.get("WORLD_SIZE", 1))  # under torchrun, a share each
         todo = [i for i in list(range(start, len(self.files))) + list(range(start)) if not os.path.exists(self.files[i])]
         jobs = torch.utils.data.DataLoader(_CacheJobs(self, todo), batch_size=None, num_workers=workers)
         for error in tqdm(jobs, total=len(todo), desc=f"caching images at {self.size}x{self.size}",
@@ -301,7 +301,7 @@ def problem(name, data, format, frame_window=0, workers=0, progress=True):
         obs_loss=functools.partial(scenes3d.obs_loss, setting=setting), sample_batch=sample_batch, loader=loader,
         held_out_batch=held_out_batch, make_denoiser=functools.partial(scenes3d.make_denoiser, setting=setting),
         evaluate=evaluate_here, plot=functools.partial(plot, held_out_batch=held_out_batch),
-        animate=functools.partial(animate, held_out_batch=held_out_batch), dataset=dataset)
+        animate=functools.partial(animate, held_out_batch=held_out_batch))
 
 
 @torch.no_grad()
@@ -382,26 +382,25 @@ def arc_cameras(K, depth, n_frames=24, degrees=30.0):
 
 
 @torch.no_grad()
-def orbit_gif(model, ctxt_obs, ctxt_params, path, depth, n_samples=3, n_frames=24, steps=50, seed=0, orbit=None):
-    """A GIF of n_samples scenes sampled from one context (ctxt_obs (1, 1, 3, H, W)), seen by cameras swinging
-    around the point `depth` in front of the context camera (or along `orbit`), beside the context image."""
+def orbit_gif(model, batch, path, orbit, n_samples=3, steps=50, seed=0):
+    """A GIF of n_samples scenes sampled from the one context of batch (ctxt_obs (1, 1, 3, H, W), ctxt_params,
+    and trgt_params, the camera the samples aim at), seen along `orbit` (c2w (F, 4, 4), K (F, 3, 3)),
+    beside the context image."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation, PillowWriter
     from toy_problems import scenes3d
-    device = ctxt_obs.device
-    orbit = orbit or arc_cameras(ctxt_params["K"][0, 0].cpu(), depth, n_frames)
+    device, n_frames = batch["ctxt_obs"].device, len(orbit["c2w"])
     orbit = dfm.map_batch(lambda v: v.to(device), orbit)
-    batch = {"ctxt_obs": ctxt_obs, "ctxt_params": ctxt_params, "trgt_obs": ctxt_obs[:, 0],
-             "trgt_params": dfm.map_batch(lambda v: v[:, 0], ctxt_params)}  # aimed at the context camera itself
+    batch = {**batch, "trgt_obs": batch["ctxt_obs"][:, 0]}  # only its shape is used
     signal = sample_fields(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
     panels = []
     for i in range(n_samples):
         one = {**signal, "views": {k: v[i:i + 1].expand(n_frames, *v.shape[1:]) for k, v in signal["views"].items()}}
         panels.append((f"{model.kind} {i + 1}", scenes3d.forward(one, orbit)))  # (F, 3, H, W)
     fig, axes = plt.subplots(1, n_samples + 1, figsize=(1.6 * (n_samples + 1), 1.9), squeeze=False)
-    axes[0, 0].imshow(to_image(ctxt_obs[0, 0]))
+    axes[0, 0].imshow(to_image(batch["ctxt_obs"][0, 0]))
     axes[0, 0].set_title("context", fontsize=7)
     images = []
     for ax, (name, frames) in zip(axes[0, 1:], panels):
@@ -421,11 +420,11 @@ def orbit_gif(model, ctxt_obs, ctxt_params, path, depth, n_samples=3, n_frames=2
 
 
 def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, compare=None, held_out_batch=None):
-    """orbit_gif of held-out example `index` (compare is not drawn: there is no true scene to orbit)."""
+    """orbit_gif of held-out example `index` along arc_cameras (compare is not drawn: no true scene to orbit)."""
     device = next(model.parameters()).device
     batch = dfm.map_batch(lambda v: v[index:index + 1], held_out_batch(index + 1, seed, device))
-    orbit_gif(model, batch["ctxt_obs"], batch["ctxt_params"], path, model.denoiser.setting.world.cam_dist,
-              n_samples, n_frames, steps, seed)
+    orbit = arc_cameras(batch["ctxt_params"]["K"][0, 0].cpu(), model.denoiser.setting.world.cam_dist, n_frames)
+    orbit_gif(model, batch, path, orbit, n_samples, steps, seed)  # the samples aim at the example's target frame
 
 
 def image_context(path, fov_deg, size):

@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
 import torch
 from tqdm import tqdm
 
+import dfm
 import toy_problems
 import config
 import train
@@ -83,20 +84,23 @@ def check(args, cfg):
 def sample_image(model, cfg, context, args):
     """sample.py --image: scenes sampled from one image of the user's own, written as an orbit GIF beside the
     figure. A model trained on posed images (--data) has its context camera at the origin, where the image's
-    camera is put; the toy model was trained with its world's context camera, so the image's camera goes there."""
+    camera is put, and the cameras swing around the point at the data's typical depth in front of it; the toy
+    model was trained with its world's context camera, so the image's camera goes there, and the cameras
+    circle the toy's world. The samples aim at the orbit's camera furthest from the context."""
     import multiview_data
     from toy_problems import scenes3d_world as world_lib
     setting = model.denoiser.setting
     ctxt_obs, ctxt_params = context
-    orbit = None
-    if not cfg.data:
+    if cfg.data:
+        orbit, aim = multiview_data.arc_cameras(ctxt_params["K"][0, 0], setting.world.cam_dist), 6  # +30 degrees
+    else:
         ctxt_params["c2w"] = world_lib.context_camera(setting.world)["c2w"][None, None]
         orbit = {**world_lib.orbit_cameras(24, setting.world), "K": ctxt_params["K"][0, 0].expand(24, 3, 3)}
+        aim = 12  # straight opposite
+    batch = {"ctxt_obs": ctxt_obs, "ctxt_params": ctxt_params, "trgt_params": {k: v[aim:aim + 1] for k, v in orbit.items()}}
     gif = os.path.splitext(args.figure)[0] + ".gif"
-    to_device = lambda v: v.to(args.device)  # noqa: E731
-    multiview_data.orbit_gif(model, to_device(ctxt_obs), {k: to_device(v) for k, v in ctxt_params.items()}, gif,
-                             setting.world.cam_dist, n_samples=args.n_samples or 3, steps=args.steps or 50,
-                             seed=args.seed, orbit=orbit)
+    multiview_data.orbit_gif(model, dfm.map_batch(lambda v: v.to(args.device), batch), gif, orbit,
+                             n_samples=args.n_samples or 3, steps=args.steps or 50, seed=args.seed)
     print(f"{cfg.problem} / {cfg.model}: {args.n_samples or 3} scenes sampled from {args.image}; orbit: {gif}")
 
 
