@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import toy_problems
+from multiview_data import FORMATS
 
 
 @dataclass
@@ -42,6 +43,10 @@ class Config:
     seed: int = 0
     out_dir: str = ""  # where ckpt.pt goes; "" = out/<problem>-<model>
     device: str = ""  # "" = cuda if available, else cpu
+    data: str = ""  # posed images on disk to train the 3D model on (multiview.py); "" = the problem's own scenes
+    format: str = ""  # the format of --data: re10k | co3d | blender
+    frame_window: int = 0  # with --data: target and novel frames at most this many frames from the context (0 = any)
+    workers: int = 2  # with --data: DataLoader worker processes that decode images and make batches ahead
 
     def validate(self, world=1):
         """A ValueError naming the option and what it allows, for any setting that cannot work
@@ -75,6 +80,14 @@ class Config:
             ("eval_every", self.eval_every >= 0, "an integer >= 0 (0 = never)"),
             ("ckpt_every", self.ckpt_every >= 1, "an integer >= 1"),
             ("seed", 0 <= self.seed < 2 ** toy_problems.SEED_BITS, f"in [0, 2^{toy_problems.SEED_BITS})"),
+            ("data", not self.data or (self.problem.startswith("scenes3d") and os.path.exists(self.data)),
+             "an existing file or folder of posed images (README, Your own data), with --problem scenes3d, "
+             "scenes3d-64 or scenes3d-128"),
+            ("format", self.format in FORMATS if self.data else self.format == "",
+             f"one of {', '.join(FORMATS)} with --data, and not given without it"),
+            ("frame_window", self.frame_window >= 0 and (self.frame_window == 0 or self.data),
+             "an integer >= 0 (0 = any frame of the sequence), with --data"),
+            ("workers", self.workers >= 0, "an integer >= 0 (0 = make batches in the training process)"),
         ]
         for name, ok, allowed in rules:
             if not ok:
@@ -87,7 +100,7 @@ class Config:
 MODELS = ["dfm", "deterministic", "oracle"]
 # What may change when a run is resumed: how long it runs, how often it scores and saves, where it
 # runs and writes. Everything else defines the model, its data stream or its optimisation.
-RESUMABLE = ("steps", "ckpt_every", "eval_every", "device", "precision", "out_dir")
+RESUMABLE = ("steps", "ckpt_every", "eval_every", "device", "precision", "out_dir", "workers")
 
 
 def make_config(problem="flatland", **overrides):
@@ -151,6 +164,13 @@ HELP = {
     "seed": "seed of the initial weights and of the training data stream, an integer in [0, 2^30)",
     "out_dir": "folder for ckpt.pt",
     "device": "cpu, cuda or cuda:N",
+    "data": "train the 3D model (--problem scenes3d*) on posed images on disk instead of its toy scenes: a camera "
+            "file, a sequence folder, a transforms json or a folder of them (README, Your own data)",
+    "format": "the format of --data: re10k (RealEstate10K), co3d (CO3D v2) or blender (NeRF-synthetic)",
+    "frame_window": "with --data: the target and novel frames are at most this many frames from the context "
+                    "(0 = any frame of the sequence)",
+    "workers": "with --data: DataLoader worker processes that decode and cache images and make batches ahead "
+               "(0 = none)",
 }
 
 

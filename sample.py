@@ -4,6 +4,7 @@
     python sample.py out/gp1d-dfm/ckpt.pt --n-samples 128 --steps 100 --seed 1
     python sample.py out/flatland-dfm/ckpt.pt --sampler ddpm --temperature 0.85
     python sample.py out/scenes3d-dfm/ckpt.pt --compare out/scenes3d-deterministic/ckpt.pt
+    python sample.py out/scenes3d-dfm/ckpt.pt --image my.png --fov 60   # scenes from your own image: an orbit GIF
 
 Scores are distances between the model's samples and exact posterior samples for held-out
 contexts (lower is better); each "_floor" is the same distance between two independent
@@ -21,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
 import torch
 from tqdm import tqdm
 
+import dfm
 import toy_problems
 import config
 import train
@@ -70,9 +72,36 @@ def check(args, cfg):
     for name, ok, allowed in rules:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(args, name)}")
+    if args.image is not None and (not cfg.problem.startswith("scenes3d") or args.fov is None or args.compare):
+        raise ValueError("--image needs a checkpoint of a 3D problem (scenes3d*) and --fov, and takes no --compare")
+    if args.fov is not None and args.image is None:
+        raise ValueError("--fov is the field of view of --image; give both")
     folder = os.path.dirname(args.figure) or "."
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise ValueError(f"--figure {args.figure!r}: the folder {folder!r} does not exist or is not writable")
+
+
+def sample_image(model, cfg, context, args):
+    """sample.py --image: scenes sampled from one image of the user's own, written as an orbit GIF beside the
+    figure. A model trained on posed images (--data) has its context camera at the origin, where the image's
+    camera is put, and the cameras swing around the point at the data's typical depth in front of it; the toy
+    model was trained with its world's context camera, so the image's camera goes there, and the cameras
+    circle the toy's world. The samples aim at the orbit's camera furthest from the context."""
+    import multiview_data
+    from toy_problems import scenes3d_world as world_lib
+    setting = model.denoiser.setting
+    ctxt_obs, ctxt_params = context
+    if cfg.data:
+        orbit, aim = multiview_data.arc_cameras(ctxt_params["K"][0, 0], setting.world.cam_dist), 6  # +30 degrees
+    else:
+        ctxt_params["c2w"] = world_lib.context_camera(setting.world)["c2w"][None, None]
+        orbit = {**world_lib.orbit_cameras(24, setting.world), "K": ctxt_params["K"][0, 0].expand(24, 3, 3)}
+        aim = 12  # straight opposite
+    batch = {"ctxt_obs": ctxt_obs, "ctxt_params": ctxt_params, "trgt_params": {k: v[aim:aim + 1] for k, v in orbit.items()}}
+    gif = os.path.splitext(args.figure)[0] + ".gif"
+    multiview_data.orbit_gif(model, dfm.map_batch(lambda v: v.to(args.device), batch), gif, orbit,
+                             n_samples=args.n_samples or 3, steps=args.steps or 50, seed=args.seed)
+    print(f"{cfg.problem} / {cfg.model}: {args.n_samples or 3} scenes sampled from {args.image}; orbit: {gif}")
 
 
 def main():
@@ -97,12 +126,19 @@ def main():
     parser.add_argument("--compare", metavar="CKPT", help="a second checkpoint of the same problem (e.g. the "
                         "deterministic model) whose prediction the 3D problem's pictures show beside the samples (default: none)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if this machine has a GPU, else cpu)")
+    parser.add_argument("--image", help="3D checkpoints: sample scenes from this image of your own instead of "
+                        "scoring held-out contexts, and write their orbit GIF (the --figure path with .gif) (default: none)")
+    parser.add_argument("--fov", type=float, help="the horizontal field of view of --image in degrees, in (0, 180); "
+                        "it gives the intrinsics (square pixels, centred) (default: none; needed with --image)")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.figure = args.figure or os.path.join(os.path.dirname(args.checkpoint), "samples.png")
     try:
         model, cfg = train.load_ema_model(args.checkpoint, args.device)
         check(args, cfg)
+        if args.image is not None:
+            import multiview_data
+            context = multiview_data.image_context(args.image, args.fov, model.denoiser.setting.world.size)
         compare = None
         if args.compare:
             compare, compare_cfg = train.load_ema_model(args.compare, args.device)
@@ -112,10 +148,13 @@ def main():
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    problem = toy_problems.load(cfg.problem)
+    problem = train.load_problem(cfg)
     options = {k: getattr(args, k) for k in ("steps", "sampler", "eta", "temperature", "guidance")
                if getattr(args, k) is not None}  # only what was given: the rest stays the problem's and the sampler's
     use_sampler(model, **options)  # steps too, so the figure uses them as well
+    if args.image is not None:
+        sample_image(model, cfg, context, args)
+        return
     defaults = inspect.signature(problem.evaluate).parameters
     n_contexts, n_samples, steps = (getattr(args, k) or defaults[k].default
                                     for k in ("n_contexts", "n_samples", "steps"))

@@ -38,9 +38,17 @@ import dfm
 import toy_problems
 from config import MODELS, RESUMABLE, Config, check_device, make_config, option_help, problems_for_help, resolve
 
+def load_problem(cfg):
+    """The problem of a run: a toy, or with --data the 3D model on posed images from disk (multiview_data.py)."""
+    if cfg.data:
+        import multiview_data
+        return multiview_data.problem(cfg.problem, cfg.data, cfg.format, cfg.frame_window, cfg.workers)
+    return toy_problems.load(cfg.problem)
+
+
 def build_model(cfg):
     """The model of a config; with --forward-error its forward model is not the one that made the data."""
-    problem = toy_problems.load(cfg.problem)
+    problem = load_problem(cfg)
     forward = (problem.forward if cfg.forward_error == "none" else
                problem.forward_with_error(cfg.forward_error, cfg.forward_error_size))
     return dfm.make_model(cfg.model, problem.make_denoiser(cfg.model), forward, cfg.timesteps,
@@ -151,7 +159,7 @@ def train(cfg, resume=None, progress=True):
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
         if cfg.device == "cuda":
             cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    problem = toy_problems.load(cfg.problem)
+    problem = load_problem(cfg)
     views = (problem.sample_views(cfg.signals, cfg.views, toy_problems.dataset_generator(cfg.seed))
              if cfg.signals else None)  # the fixed data set, the same on every process and on resume
     device = torch.device(cfg.device)
@@ -166,6 +174,7 @@ def train(cfg, resume=None, progress=True):
         optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
         step, train_seconds = ckpt["step"], ckpt["train_seconds"]
     first_step = step
+    batches = problem.loader(cfg.batch_size // world, cfg.seed, rank, range(step, cfg.steps)) if cfg.data else None
     ddp_model = DistributedDataParallel(model) if distributed else model
 
     def checkpoint():
@@ -198,7 +207,8 @@ def train(cfg, resume=None, progress=True):
             seed = toy_problems.stream_seed("train", cfg.seed, step, rank)  # this step's randomness, see the docstring
             torch.manual_seed(seed)
             generator = toy_problems.train_generator(cfg.seed, step, rank)
-            batch = training_batch(problem, cfg, views, generator, cfg.batch_size // world, device)
+            batch = (dfm.map_batch(lambda v: v.to(device), next(batches)) if batches is not None else  # made ahead
+                     training_batch(problem, cfg, views, generator, cfg.batch_size // world, device))
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
             with autocast:

@@ -56,6 +56,7 @@ class Setting:
     cond_size: int = 16  # the conditioning render's side (rendered without gradients, then upsampled)
     depth_smooth: float = 0.002  # weight of the edge-aware depth smoothness
     lpips: float = 0.0  # weight of LPIPS on the patches when its real weights load (0.2 on CO3D in the paper)
+    bounds: tuple = None  # (near, far) along every ray, for posed images on disk (multiview.py); None: the toy's scene box
 
 
 SETTINGS = {
@@ -324,8 +325,7 @@ def render_pixels(signal, params, pixels=None, uv=None):
     origins, dirs = render.get_rays(params["c2w"], params["K"], uv)  # (B, P, 3)
     origins = origins.expand(params["K"].shape[0], *origins.shape[-2:])
     dirs = dirs.expand_as(origins)
-    lo, hi = (x.to(origins.device) for x in world_lib.SCENE_BOX)
-    near, far = render.intersect_box(origins, dirs, lo, hi)  # (B, P)
+    near, far, depth_lo, depth_range = scene_bounds(s, origins, dirs)  # (B, P), (B, P), scalars
 
     def field(points):  # (B, P, S, 3) -> sigma (B, P, S), colour and features (B, P, S, 3 + Cf)
         B, P, S = points.shape[:3]
@@ -336,8 +336,20 @@ def render_pixels(signal, params, pixels=None, uv=None):
     out = render.render_rays(field, origins, dirs, near, far, s.n_samples, s.n_importance,
                              perturb=training, coarse_grad=False)
     color = out["rgb"].transpose(1, 2)  # (B, 3 + Cf, P)
-    depth = (out["depth"] - (s.world.cam_dist - 1.5)) / 3.0  # about [0, 1] over the scene box
+    depth = (out["depth"] - depth_lo) / depth_range  # about [0, 1] over the scene
     return {"obs": 2 * color[:, :3] - 1, "feat": color[:, 3:], "depth": depth}
+
+
+def scene_bounds(setting, origins, dirs):
+    """Where rays (B, P, 3) start and stop: the toy's scene box, or the data set's near/far (setting.bounds).
+
+    Returns near, far (B, P) and the depth range (lo, width) that maps rendered depths to about [0, 1]."""
+    if setting.bounds is not None:  # posed images on disk: poses relative to the first context camera
+        near, far = setting.bounds
+        return (torch.full_like(origins[..., 0], near), torch.full_like(origins[..., 0], far), near, far - near)
+    lo, hi = (x.to(origins.device) for x in world_lib.SCENE_BOX)
+    near, far = render.intersect_box(origins, dirs, lo, hi)  # (B, P)
+    return near, far, setting.world.cam_dist - 1.5, 3.0
 
 
 def forward(signal, params, pixels=None):

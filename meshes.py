@@ -1,0 +1,360 @@
+"""Real geometry with an exact hidden part: a multi-view data set of real meshes, written as NeRF-synthetic.
+
+    python meshes.py --out out/meshes                  # build it (fetches 3 meshes from PyPI once)
+    python train.py --problem scenes3d --data out/meshes --format blender
+
+The meshes are pyvista's examples (airplane.ply, ant.ply, nut.ply; MIT), taken from its wheel on
+PyPI at run time (`pip download pyvista==0.49.1 --no-deps`, cached in DEFAULT_CACHE) and never
+copied into this repository, nor made a dependency for three files. Each scene is one mesh,
+centred, scaled to a random size and turned to a random rotation, rendered by an exact
+ray-triangle caster (Moller-Trumbore, brute force over the faces) under a fixed light against
+black, from cameras 4 units from its centre (NeRF-synthetic's convention). The colouring makes
+its hidden part exact: every surface point that the context camera (frame 0) sees is painted in
+one palette colour, and every point it cannot see in another, drawn uniformly from the palette.
+The context image shows only seen points, so given it the hidden colour is exactly uniform over
+the palette, on geometry no one here made.
+
+Each scene folder holds transforms_train.json (frame 0 the context, named by "context_frame",
+then random views all around, which show the hidden part and teach its prior),
+transforms_test.json (three cameras on the far side) and posterior.pt: for each far camera the
+pixels where the hidden part is in view and the renders of the true geometry with the hidden
+part in every palette colour. hidden_scores() classifies a model's samples against those.
+"""
+import argparse
+import math
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import multiview
+import render
+from toy_problems import scenes3d_world as world_lib
+
+PYVISTA = "pyvista==0.49.1"
+MESHES = ("airplane", "ant", "nut")  # pyvista/examples/<name>.ply in its wheel
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "meshes")
+PALETTE = world_lib.WORLD.palette  # the toy's four colours
+LIGHT = F.normalize(torch.tensor(world_lib.WORLD.light), dim=0)  # a fixed light, from above
+AMBIENT = world_lib.WORLD.ambient
+CAM_DIST, HALF_FOV_DEG = 4.0, 15.0  # the object (radius <= 1) fills most of the image
+FAR_SIDE_DEG = (180.0, 150.0, 210.0)  # the test cameras: azimuths from the context camera's
+MIN_HIDDEN = 8  # scenes are scored when straight opposite shows this many hidden pixels (thin sheets, seen from
+                # both sides, have hardly any hidden part)
+
+
+# -----------------------------------------------------------------------------
+# Meshes from the registry
+
+
+def read_ply(data):
+    """A PLY file's bytes (ascii or binary_little_endian; vertex x, y, z and face vertex_indices lists) ->
+    vertices (V, 3) float, faces (F, 3) long (polygons split into fans of triangles)."""
+    end = data.index(b"end_header") + len(b"end_header")
+    end += 2 if data[end:end + 2] == b"\r\n" else 1
+    header = data[:end].decode("latin1").split("\n")
+    fmt = next(line.split()[1] for line in header if line.startswith("format"))
+    elements, types = [], {"char": "b", "uchar": "B", "int8": "b", "uint8": "B", "short": "h", "ushort": "H",
+                           "int16": "h", "uint16": "H", "int": "i", "uint": "I", "int32": "i", "uint32": "I",
+                           "float": "f", "float32": "f", "double": "d", "float64": "d"}
+    for line in header:
+        words = line.split()
+        if words[:1] == ["element"]:
+            elements.append((words[1], int(words[2]), []))
+        elif words[:1] == ["property"]:
+            elements[-1][2].append(words[1:])
+    if fmt == "ascii":
+        tokens, pos = data[end:].split(), 0
+    else:
+        body, pos = data[end:], 0
+    vertices, faces = None, []
+    for name, count, props in elements:
+        rows = []
+        for _ in range(count):
+            row = []
+            for prop in props:
+                if prop[0] == "list":
+                    if fmt == "ascii":
+                        n = int(tokens[pos])
+                        row.append([float(x) for x in tokens[pos + 1:pos + 1 + n]])
+                        pos += 1 + n
+                    else:
+                        (n,), pos = struct.unpack_from("<" + types[prop[1]], body, pos), pos + struct.calcsize(types[prop[1]])
+                        size = struct.calcsize(types[prop[2]])
+                        row.append(list(struct.unpack_from(f"<{n}{types[prop[2]]}", body, pos)))
+                        pos += n * size
+                elif fmt == "ascii":
+                    row.append(float(tokens[pos]))
+                    pos += 1
+                else:
+                    row.append(struct.unpack_from("<" + types[prop[0]], body, pos)[0])
+                    pos += struct.calcsize(types[prop[0]])
+            rows.append(row)
+        if name == "vertex":
+            names = [p[-1] for p in props]
+            vertices = torch.tensor([[r[names.index(a)] for a in "xyz"] for r in rows], dtype=torch.float32)
+        elif name == "face":
+            for r in rows:
+                poly = [int(i) for i in r[0]]
+                faces += [[poly[0], poly[k], poly[k + 1]] for k in range(1, len(poly) - 1)]
+    return vertices, torch.tensor(faces, dtype=torch.long)
+
+
+def fetch_meshes(cache_dir=None):
+    """{name: (vertices, faces)} of pyvista's example meshes, fetched once from PyPI with pip into cache_dir."""
+    cache_dir = cache_dir or DEFAULT_CACHE
+    paths = {name: os.path.join(cache_dir, f"{name}.ply") for name in MESHES}
+    if not all(os.path.exists(p) for p in paths.values()):
+        if os.environ.get("DFM_NO_DOWNLOAD") == "1":  # the test suite sets it: tests never download
+            raise RuntimeError(f"the meshes are not in {cache_dir} and DFM_NO_DOWNLOAD=1 forbids fetching them")
+        os.makedirs(cache_dir, exist_ok=True)
+        print(f"meshes: fetching {PYVISTA} (2.7 MB) from PyPI into {cache_dir}, for three of its example meshes",
+              file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--retries", "1",
+               "--timeout", "30", "-d", cache_dir, PYVISTA]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        wheels = [f for f in os.listdir(cache_dir) if f.startswith("pyvista-") and f.endswith(".whl")]
+        if r.returncode != 0 or not wheels:
+            lines = (r.stderr or r.stdout).strip().splitlines() or ["no output"]
+            raise RuntimeError(f"pip download {PYVISTA} failed: {lines[-1]}")
+        with zipfile.ZipFile(os.path.join(cache_dir, wheels[0])) as wheel:
+            for name, path in paths.items():
+                with open(path + ".tmp", "wb") as f:
+                    f.write(wheel.read(f"pyvista/examples/{name}.ply"))
+                os.replace(path + ".tmp", path)
+        os.remove(os.path.join(cache_dir, wheels[0]))
+    meshes = {}
+    for name, path in paths.items():
+        with open(path, "rb") as f:
+            meshes[name] = read_ply(f.read())
+    return meshes
+
+
+# -----------------------------------------------------------------------------
+# The exact ray-triangle caster
+
+
+def cast(vertices, faces, origins, dirs, chunk=512):
+    """The first hit of each ray on a triangle mesh (Moller & Trumbore 1997), brute force over the faces.
+
+    vertices (V, 3), faces (F, 3); origins, dirs (R, 3) -> t (R,) the distance along dirs (inf for a miss)
+    and face (R,) the index of the triangle hit (-1 for a miss)."""
+    a, b, c = vertices[faces].unbind(1)  # (F, 3) each
+    e1, e2 = b - a, c - a
+    ts, hits = [], []
+    for o, d in zip(origins.split(chunk), dirs.split(chunk)):
+        p = torch.linalg.cross(d[:, None], e2[None])  # (r, F, 3)
+        det = (e1[None] * p).sum(-1)  # (r, F)
+        inv = 1 / torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
+        s = o[:, None] - a[None]  # (r, F, 3)
+        u = (s * p).sum(-1) * inv
+        q = torch.linalg.cross(s, e1[None].expand_as(s))
+        v = (d[:, None] * q).sum(-1) * inv
+        t = (e2[None] * q).sum(-1) * inv
+        ok = (det.abs() > 1e-12) & (u >= 0) & (v >= 0) & (u + v <= 1) & (t > 1e-6)
+        t, face = torch.where(ok, t, torch.full_like(t, math.inf)).min(dim=1)
+        ts.append(t)
+        hits.append(torch.where(torch.isfinite(t), face, torch.full_like(face, -1)))
+    return torch.cat(ts), torch.cat(hits)
+
+
+def cast_bounded(vertices, faces, origins, dirs):
+    """cast(), skipping the rays that miss the mesh's bounding sphere around the origin (most of an image)."""
+    radius = vertices.norm(dim=-1).max()
+    closest = (origins * dirs).sum(-1)  # (R,) along the ray to the point nearest the origin
+    near_origin = (origins - closest[:, None] * dirs).norm(dim=-1) <= radius * 1.0001
+    t, face = torch.full_like(closest, math.inf), torch.full_like(closest, -1, dtype=torch.long)
+    t[near_origin], face[near_origin] = cast(vertices, faces, origins[near_origin], dirs[near_origin])
+    return t, face
+
+
+def render_mesh(vertices, faces, c2w, K, size, ctxt_c2w, ctxt_K):
+    """A mesh seen by one camera (c2w (4, 4), K (3, 3)): shade (S, S) Lambert plus ambient, part (S, S) long
+    (-1 background, 0 a point the context camera (ctxt_c2w, ctxt_K) sees, 1 a point it cannot see)."""
+    origins, dirs = render.get_rays(c2w, K, render.pixel_centers(size, size))  # (P, 3)
+    t, face = cast_bounded(vertices, faces, origins, dirs)
+    hit = face >= 0
+    point = origins + torch.where(hit, t, torch.zeros_like(t))[:, None] * dirs  # (P, 3)
+    a, b, c = vertices[faces[face.clamp(min=0)]].unbind(1)
+    normal = F.normalize(torch.linalg.cross(b - a, c - a), dim=-1)
+    normal = torch.where(((normal * dirs).sum(-1) > 0)[:, None], -normal, normal)  # the side facing the ray
+    shade = AMBIENT + (1 - AMBIENT) * (normal @ LIGHT).clamp(min=0)
+    # seen by the context camera: in its image, in front of it, and the first thing on the ray from it
+    uv, depth = render.project(point, ctxt_c2w, ctxt_K)
+    to_point = point - ctxt_c2w[:3, 3]
+    distance = to_point.norm(dim=-1)
+    t_back = torch.full_like(t, math.inf)
+    t_back[hit] = cast(vertices, faces, ctxt_c2w[:3, 3].expand(int(hit.sum()), 3),
+                       to_point[hit] / distance[hit, None])[0]  # only the hit pixels need the ray back
+    seen = (depth > 0) & ((uv >= 0) & (uv <= 1)).all(-1) & (t_back >= distance - 1e-3)
+    part = torch.where(hit, (~seen).long(), torch.full_like(face, -1))
+    return (shade * hit).view(size, size), part.view(size, size)
+
+
+def paint(shade, part, seen_colour, hidden_colour):
+    """Images (3, S, S) in [-1, 1] from render_mesh's shade and part, with palette indices for the two parts."""
+    palette = torch.tensor(PALETTE)
+    albedo = torch.where((part == 1)[..., None], palette[hidden_colour], palette[seen_colour])  # (S, S, 3)
+    return 2 * (albedo * shade[..., None] * (part >= 0)[..., None]).permute(2, 0, 1) - 1
+
+
+# -----------------------------------------------------------------------------
+# The data set
+
+
+def camera(azimuth_deg, elevation_deg, size):
+    """A camera CAM_DIST from the origin looking at it (world z up): c2w (4, 4), K (3, 3)."""
+    world = world_lib.World(size=size, cam_dist=CAM_DIST, target=(0.0, 0.0, 0.0), half_fov_deg=HALF_FOV_DEG)
+    params = world_lib.cameras(torch.tensor(math.radians(azimuth_deg)), torch.tensor(math.radians(elevation_deg)),
+                               world)
+    return params["c2w"], params["K"]
+
+
+def random_rotation(generator):
+    """A rotation drawn uniformly (QR of a Gaussian matrix, signs fixed): (3, 3)."""
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return (q if torch.det(q) > 0 else -q).float()
+
+
+def place(vertices, generator):
+    """The mesh centred on its bounding box, scaled to a bounding-sphere radius in [0.7, 1], randomly turned."""
+    centred = vertices - (vertices.amin(0) + vertices.amax(0)) / 2
+    radius = 0.7 + 0.3 * torch.rand((), generator=generator)
+    return centred / centred.norm(dim=-1).max() * radius @ random_rotation(generator).T
+
+
+def write_scene(folder, vertices, faces, n_views, size, generator):
+    """One scene (module docstring) in NeRF-synthetic format, with its posterior.pt; returns the palette indices."""
+    seen_colour, hidden_colour = torch.randint(len(PALETTE), (2,), generator=generator).tolist()
+    ctxt_az = 360 * torch.rand((), generator=generator).item()
+    views = [(ctxt_az, 25.0)] + [(360 * torch.rand((), generator=generator).item(),
+                                  10 + 40 * torch.rand((), generator=generator).item()) for _ in range(n_views - 1)]
+    ctxt_c2w, ctxt_K = camera(*views[0], size)
+    for split, angles in (("train", views), ("test", [(ctxt_az + d, 25.0) for d in FAR_SIDE_DEG])):
+        c2w, K, images, alpha, renders, hidden = [], [], [], [], [], []
+        for az, el in angles:
+            pose, k = camera(az, el, size)
+            shade, part = render_mesh(vertices, faces, pose, k, size, ctxt_c2w, ctxt_K)
+            c2w.append(pose), K.append(k), alpha.append((part >= 0).float())
+            images.append(paint(shade, part, seen_colour, hidden_colour))
+            renders.append(torch.stack([paint(shade, part, seen_colour, h) for h in range(len(PALETTE))]))
+            hidden.append(world_lib.erode((part == 1)[None])[0])  # away from the silhouette and the seen part
+        multiview.write_blender(os.path.join(folder, f"transforms_{split}.json"), torch.stack(c2w), torch.stack(K),
+                                torch.stack(images), torch.stack(alpha), context_frame=0 if split == "train" else None)
+    torch.save({"hidden": torch.stack(hidden), "palette_renders": torch.stack(renders),
+                "seen_colour": seen_colour, "hidden_colour": hidden_colour}, os.path.join(folder, "posterior.pt"))
+    return seen_colour, hidden_colour
+
+
+def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=True):
+    """Write n_scenes scenes (mesh i % 3, each its own rotation, scale, colours and cameras) into out/scene_NNN."""
+    if os.path.isdir(out) and os.listdir(out):
+        raise ValueError(f"--out {out!r} is not empty; choose a new folder (nothing is overwritten)")
+    meshes = meshes or fetch_meshes()
+    generator = torch.Generator().manual_seed(seed)
+    names = sorted(meshes)
+    for i in tqdm(range(n_scenes), desc="rendering scenes", disable=not progress):
+        vertices, faces = meshes[names[i % len(names)]]
+        write_scene(os.path.join(out, f"scene_{i:03d}"), place(vertices, generator), faces, n_views, size, generator)
+
+
+# -----------------------------------------------------------------------------
+# Scoring the hidden part against its exact posterior
+
+
+@torch.no_grad()
+def hidden_scores(model, data, n_scenes=8, n_samples=16, steps=50, seed=0, threshold=world_lib.SHARP_RMSE):
+    """How well a model's samples get the hidden colour of the first n_scenes scenes of a built set `data`.
+
+    Scenes whose straight-opposite view shows fewer than MIN_HIDDEN hidden pixels are passed over. Samples
+    aim at the far-side camera (where the hidden part is in view); each is rendered at the three far
+    cameras and classified as the palette colour whose exact render is nearest on the hidden pixels.
+    Returns hidden_tv (total variation between each scene's histogram of sampled colours and the exact
+    uniform, from straight opposite), hidden_tv_floor (what exact samples score), sharp (the fraction of
+    samples within RMSE threshold of one palette render), consistent (how often the 150 and 210 degree views
+    of a sample agree), psnr_context (the render at the context camera) and scenes, how many were scored."""
+    import metrics
+    from multiview_data import sample_fields
+    from toy_problems import scenes3d
+    device, size = next(model.parameters()).device, model.denoiser.setting.world.size
+    scenes = []
+    for name in sorted(os.listdir(data)):
+        path = os.path.join(data, name, "posterior.pt")
+        if len(scenes) < n_scenes and os.path.isfile(path):
+            hidden = torch.load(path, weights_only=True)["hidden"]
+            if hidden.shape[-1] != size:
+                raise ValueError(f"{path}: the set was built at {hidden.shape[-1]}x{hidden.shape[-1]}, the model "
+                                 f"renders {size}x{size}; build it with --size {size}")
+            if hidden[0].sum() >= MIN_HIDDEN:
+                scenes.append(name)
+    if not scenes:
+        raise ValueError(f"{data}: no scene built by meshes.py with at least {MIN_HIDDEN} hidden pixels in view")
+    tv, sharp, agree, psnr = [], [], [], []
+    for k, name in enumerate(scenes):
+        folder = os.path.join(data, name)
+        train = multiview.load_scene(os.path.join(folder, "transforms_train.json"), "blender", size)
+        test = multiview.load_scene(os.path.join(folder, "transforms_test.json"), "blender", size)
+        posterior = torch.load(os.path.join(folder, "posterior.pt"), weights_only=True)
+        to_context = torch.linalg.inv(train["c2w"][0])  # poses relative to the context camera, as in training
+        far = {"c2w": to_context @ test["c2w"], "K": test["K"]}  # (3, 4, 4), (3, 3, 3)
+        batch = {"ctxt_obs": train["images"][:1, None], "ctxt_params": {"c2w": torch.eye(4)[None, None],
+                 "K": train["K"][:1, None]}, "trgt_obs": test["images"][:1], "trgt_params": {k: v[:1] for k, v in far.items()}}
+        batch = {key: ({k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value.to(device))
+                 for key, value in batch.items()}
+        signal = sample_fields(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed + k), steps)
+        nearest = []
+        for v in range(3):
+            views = scenes3d.forward(signal, {key: x[v:v + 1].expand(n_samples, *x.shape[1:]).to(device)
+                                              for key, x in far.items()})  # (n, 3, S, S)
+            keep = posterior["hidden"][v].to(device).float()
+            err = (((views[:, None] - posterior["palette_renders"][v].to(device)[None]) ** 2).mean(2) * keep).sum((-2, -1))
+            best, index = (err / keep.sum().clamp(min=1)).min(dim=1)  # (n,)
+            nearest.append(index)
+            if v == 0:
+                hist = F.one_hot(index, len(PALETTE)).float().mean(0)
+                tv.append(0.5 * (hist - 1 / len(PALETTE)).abs().sum().item())
+                sharp.append((best.sqrt() < threshold).float().mean().item())
+        agree.append((nearest[1] == nearest[2]).float().mean().item())
+        context = scenes3d.forward(signal, {"c2w": torch.eye(4, device=device).expand(n_samples, 4, 4),
+                                            "K": batch["ctxt_params"]["K"][0].expand(n_samples, 3, 3)})
+        psnr.append(metrics.psnr(context, batch["ctxt_obs"][0].expand_as(context)).mean().item())
+    mean = lambda x: sum(x) / len(x)  # noqa: E731
+    floor = world_lib.hidden_floor(n_samples, len(scenes), torch.Generator().manual_seed(seed), len(PALETTE))
+    return {"hidden_tv": mean(tv), "hidden_tv_floor": floor, "sharp": mean(sharp), "consistent": mean(agree),
+            "psnr_context": mean(psnr), "scenes": len(scenes)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join("out", "meshes"), help="a new folder for the data set "
+                        "(default: out/meshes; an existing non-empty folder is refused)")
+    parser.add_argument("--scenes", type=int, default=48, help="scenes to render, >= 1 (default: 48)")
+    parser.add_argument("--views", type=int, default=10, help="training views per scene, the context included, "
+                        ">= 2 (default: 10)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels, >= 8 (default: 32, scenes3d's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the rotations, scales, colours and cameras "
+                        "(default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: show one)")
+    args = parser.parse_args()
+    try:
+        for name, ok, allowed in (("scenes", args.scenes >= 1, ">= 1"), ("views", args.views >= 2, ">= 2"),
+                                  ("size", args.size >= 8, ">= 8"), ("seed", args.seed >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"--{name} must be {allowed}, got {getattr(args, name)}")
+        build(args.out, args.scenes, args.views, args.size, args.seed, progress=not args.no_progress)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{args.scenes} scenes in {args.out}; train with: python train.py --problem scenes3d --data {args.out} "
+          "--format blender")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,447 @@
+"""Training the 3D model (toy_problems/scenes3d.py) on posed images from disk, read by multiview.py.
+
+    python train.py --problem scenes3d --data PATH --format re10k|co3d|blender [--frame-window N]
+
+What real data needs that the toy did not:
+- Scale and bounds per format (FORMATS): rays are rendered between the format's near and far
+  distances instead of inside the toy's scene box (the authors' 0.5/40 for CO3D with each
+  sequence scaled to a mean depth of 10, 0.7/10 for RealEstate10K with poses as recorded; NeRF's
+  2/6 for NeRF-synthetic); every example's poses are relative to its context camera, as in the paper.
+- Images decoded, centre-cropped and resized once, cached as uint8 (one file per sequence, in
+  DEFAULT_CACHE), by DataLoader workers with a progress bar; training batches are then made
+  ahead by workers too (StepBatches), so a GPU does not wait on JPEG decoding.
+- Examples from one sequence: a context frame, and a target and a novel frame at most
+  --frame-window frames away from it (the authors draw CO3D's target 20 to 40 frames away).
+- Scores that need no exact posterior (evaluate): PSNR, SSIM and LPIPS of the sampled scenes at
+  the context view and at the target view nearby.
+"""
+import functools
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import types
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dfm
+import metrics
+import toy_problems
+from multiview import READERS, bad, check_files, load_frames, read_co3d, read_co3d_annotations, read_cameras
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "multiview")  # decoded, resized images
+
+
+@dataclass(frozen=True)
+class Format:
+    """What the 3D model needs to know about a format's scenes, in the units after scaling."""
+    near: float  # every ray is rendered from near to far, measured from its camera
+    far: float
+    depth: float  # a typical distance from the cameras to the scene: the field encodes depths relative to it
+    mean_depth: float = 0.0  # > 0: each sequence is scaled so that its cameras' mean depth of their look-at point is this
+
+
+FORMATS = {
+    "re10k": Format(near=0.7, far=10.0, depth=2.6),  # the authors' bounds; poses as recorded; depth sqrt(near * far)
+    "co3d": Format(near=0.5, far=40.0, depth=10.0, mean_depth=10.0),  # the authors' bounds and scale
+    "blender": Format(near=2.0, far=6.0, depth=4.0),  # NeRF's bounds for its synthetic scenes (cameras 4 from the centre)
+}
+
+
+def look_at_point(c2w):
+    """The point nearest to every camera's optical axis, in the least-squares sense: c2w (N, 4, 4) -> (3,)."""
+    o, d = c2w[:, :3, 3], c2w[:, :3, 2]  # (N, 3) centres and forward axes
+    off_axis = np.eye(3) - d[:, :, None] * d[:, None, :]  # (N, 3, 3) projections onto each axis' normal plane
+    return np.linalg.lstsq(off_axis.sum(0), (off_axis @ o[..., None]).sum(0)[:, 0], rcond=None)[0]
+
+
+def sequence_scale(seq, fmt):
+    """The factor on a sequence's translations that gives it the format's scale (1 unless fmt.mean_depth).
+
+    CO3D: the authors scale each sequence so that the median depth of the object (from CO3D's depth maps)
+    becomes 10; we read no depth maps and use the depth of the point the cameras look at, the object's
+    centre in an object-centric capture."""
+    if not fmt.mean_depth:
+        return 1.0
+    c2w = seq["c2w"]
+    depth = ((look_at_point(c2w) - c2w[:, :3, 3]) * c2w[:, :3, 2]).sum(-1).mean()
+    if not depth > 0:
+        raise bad(seq.get("annotations", seq["name"]), f"the cameras of sequence {seq['name']!r} do not look at a "
+                                                       "common point in front of them; cannot scale it")
+    return fmt.mean_depth / depth
+
+
+def find_sequences(path, format, progress=True):
+    """Every sequence of a data set (README, "Your own data"): read_* dicts with `scale` added.
+
+    re10k: one <sequence>.txt or a folder of them; co3d: a sequence folder, a category folder (with
+    frame_annotations.jgz), a root of categories, or a set list <category>/set_lists/*.json (its "train"
+    frames); blender: one transforms_*.json or a folder searched for */transforms_train.json."""
+    if format not in READERS:
+        raise ValueError(f"unknown format {format!r}: expected one of {', '.join(READERS)}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if format == "co3d":
+        return find_co3d(path, progress)
+    ext = {"re10k": ".txt", "blender": ".json"}[format]
+    if os.path.isfile(path):
+        files = [path]
+    elif format == "re10k":
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".txt"))
+    else:
+        files = sorted(glob.glob(os.path.join(path, "**", "transforms_train.json"), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"{path}: no {'*' + ext if format == 're10k' else 'transforms_train.json'} "
+                                f"found for format {format}")
+    return [with_scale(read_cameras(f, format), format) for f in tqdm(files, desc="indexing", disable=not progress)]
+
+
+def find_co3d(path, progress):
+    """CO3D sequences at path: a sequence folder, a category folder, a root of categories, or a set list."""
+    path = os.path.normpath(path)
+    jobs = []  # (category folder, sequence names or None for all, frame numbers per sequence or None)
+    if path.endswith(".json"):  # a set list: {"train": [[sequence, frame_number, image path], ...], ...}
+        with open(path) as f:
+            train = json.load(f).get("train") or []
+        if not train:
+            raise bad(path, 'expected a CO3D set list with a non-empty "train" list of [sequence, frame, path]')
+        keep = {}
+        for name, frame, _ in train:
+            keep.setdefault(name, set()).add(frame)
+        jobs = [(os.path.dirname(os.path.dirname(path)), sorted(keep), keep)]
+    elif os.path.isfile(os.path.join(os.path.dirname(path), "frame_annotations.jgz")):  # one sequence folder
+        jobs = [(os.path.dirname(path), [os.path.basename(path)], None)]
+    elif os.path.isfile(os.path.join(path, "frame_annotations.jgz")):  # a category
+        jobs = [(path, None, None)]
+    else:  # a root of categories
+        jobs = [(os.path.dirname(f), None, None) for f in sorted(glob.glob(os.path.join(path, "*", "frame_annotations.jgz")))]
+    if not jobs:
+        raise FileNotFoundError(f"{path}: no frame_annotations.jgz in it, beside it or in its subfolders")
+    sequences = []
+    for category_dir, names, frames in tqdm(jobs, desc="indexing", disable=not progress):
+        annotations = read_co3d_annotations(category_dir)
+        for name in names or sorted(annotations):
+            seq = read_co3d(os.path.join(category_dir, name), annotations, frames and frames[name])
+            check_files(seq["files"], seq["annotations"])
+            sequences.append(with_scale(seq, "co3d"))
+    return sequences
+
+
+def with_scale(seq, format):
+    seq["scale"] = sequence_scale(seq, FORMATS[format])
+    return seq
+
+
+class SceneSet:
+    """A data set of posed-image sequences: cameras in memory, images decoded, cropped and resized once
+    into a cache (uint8, one file per sequence), and examples drawn from it like scenes3d's batches."""
+
+    def __init__(self, path, format, size, frame_window=0, patch=12, cache_dir=None, workers=0, rank=0,
+                 progress=True):
+        self.format, self.size, self.frame_window, self.patch = format, size, frame_window, patch
+        self.cache_dir = cache_dir or DEFAULT_CACHE
+        sequences = find_sequences(path, format, progress)
+        self.sequences = [s for s in sequences if len(s["files"]) >= 2]
+        if len(self.sequences) < len(sequences):
+            print(f"multiview: left out {len(sequences) - len(self.sequences)} sequence(s) with fewer than 2 frames "
+                  "(a context and a target)", file=sys.stderr)
+        if not self.sequences:
+            raise ValueError(f"{path}: no sequence with at least 2 frames")
+        self.prepare(workers, rank, progress)
+        self.opened = {}
+
+    def cache_file(self, seq):
+        """Named by everything the cached images depend on: the frames (and when they changed), the size."""
+        stamp = [(f, os.path.getmtime(f)) for f in seq["files"]]
+        key = hashlib.sha1(json.dumps([stamp, np.asarray(seq["K"]).tolist(), self.size]).encode()).hexdigest()
+        return os.path.join(self.cache_dir, f"{self.format}-{self.size}", key[:20] + ".pt")
+
+    def prepare(self, workers, rank, progress):
+        """Decode every sequence not cached yet, in DataLoader workers. Each process starts at its own place in
+        the list (rank), so that processes of one run share the work; a cache file appears atomically."""
+        self.files = [self.cache_file(s) for s in self.sequences]
+        start = rank * len(self.files) // int(os.environ.get("WORLD_SIZE", 1))  # under torchrun, a share each
+        todo = [i for i in list(range(start, len(self.files))) + list(range(start)) if not os.path.exists(self.files[i])]
+        jobs = torch.utils.data.DataLoader(_CacheJobs(self, todo), batch_size=None, num_workers=workers)
+        for error in tqdm(jobs, total=len(todo), desc=f"caching images at {self.size}x{self.size}",
+                          disable=not progress or not todo):
+            if error:
+                raise ValueError(error)  # a bad frame: the one line that names it, not a worker's traceback
+
+    def cache(self, i):
+        """Sequence i's cached images (N, 3, S, S) uint8 and K (N, 3, 3), memory-mapped (opened once per process)."""
+        if i not in self.opened:
+            self.opened[i] = torch.load(self.files[i], mmap=True, weights_only=True)
+        return self.opened[i]
+
+    def __getstate__(self):  # DataLoader workers open their own memory maps
+        return {**self.__dict__, "opened": {}}
+
+    def pick_frames(self, n_frames, generator, context=None):
+        """(context, target, novel) frame indices of a sequence of n_frames: the target and novel frames are
+        other frames at most frame_window away from the context (any, with frame_window 0); the novel frame is
+        the target again if the window holds only one other frame."""
+        if context is None:
+            context = int(torch.randint(n_frames, (), generator=generator))
+        near = torch.arange(n_frames)
+        near = near[(near != context) & ((near - context).abs() <= (self.frame_window or n_frames))]
+        order = near[torch.randperm(len(near), generator=generator)]
+        return context, int(order[0]), int(order[min(1, len(order) - 1)])
+
+    def example(self, i, frames):
+        """Views `frames` of sequence i, posed relative to the first one and scaled: obs (V, 3, S, S), c2w, K."""
+        cached = self.cache(i)
+        seq = self.sequences[i]
+        c2w = torch.as_tensor(np.linalg.inv(seq["c2w"][frames[0]]) @ seq["c2w"][list(frames)], dtype=torch.float32)
+        c2w[:, :3, 3] *= seq["scale"]
+        return cached["images"][list(frames)].float() / 127.5 - 1, c2w, cached["K"][list(frames)]
+
+    def sample_batch(self, batch_size, generator, device="cpu"):
+        """Batches as scenes3d.sample_batch gives them (context, target and novel view of one sequence each,
+        random patches of the target and novel view), plus sequence (B,) and frames (B, 3) to find them again."""
+        from toy_problems import scenes3d
+        which = torch.randint(len(self.sequences), (batch_size,), generator=generator)  # (B,)
+        frames = torch.tensor([self.pick_frames(len(self.sequences[i]["files"]), generator,
+                                                self.sequences[i].get("context")) for i in which.tolist()])  # (B, 3)
+        obs, c2w, K = (torch.stack(x) for x in zip(*[self.example(i, f.tolist()) for i, f in zip(which.tolist(), frames)]))
+        params = lambda v: {"c2w": c2w[:, v], "K": K[:, v]}  # noqa: E731
+        batch = dict(ctxt_obs=obs[:, :1], ctxt_params={"c2w": c2w[:, :1], "K": K[:, :1]},
+                     trgt_obs=obs[:, 1], trgt_params=params(1), novel_obs=obs[:, 2], novel_params=params(2),
+                     pixels=scenes3d.random_patches(batch_size, self.size, self.patch, generator),
+                     novel_pixels=scenes3d.random_patches(batch_size, self.size, self.patch, generator),
+                     sequence=which, frames=frames)
+        return dfm.map_batch(lambda v: v.to(device), batch)
+
+
+class _CacheJobs(torch.utils.data.Dataset):
+    """Item k caches sequence todo[k]; returns the error message of a bad frame, or "" (DataLoader workers)."""
+
+    def __init__(self, data, todo):
+        self.data, self.todo = data, todo
+
+    def __len__(self):
+        return len(self.todo)
+
+    def __getitem__(self, k):
+        i = self.todo[k]
+        try:
+            images, K = load_frames(self.data.sequences[i], size=self.data.size)
+        except (ValueError, OSError) as e:
+            return str(e)
+        os.makedirs(os.path.dirname(self.data.files[i]), exist_ok=True)
+        tmp = f"{self.data.files[i]}.{os.getpid()}.tmp"
+        torch.save({"images": ((images + 1) * 127.5).round().to(torch.uint8), "K": K}, tmp)
+        os.replace(tmp, self.data.files[i])
+        return ""
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k is the batch of training step k, drawn from toy_problems.train_generator(seed, k, rank): the
+    same batches as calling sample_batch in the loop, so --resume stays exact, made ahead by workers."""
+
+    def __init__(self, data, batch_size, seed, rank):
+        self.data, self.batch_size, self.seed, self.rank = data, batch_size, seed, rank
+
+    def __len__(self):
+        return 2 ** toy_problems.STEP_BITS
+
+    def __getitem__(self, step):
+        return self.data.sample_batch(self.batch_size, toy_problems.train_generator(self.seed, step, self.rank))
+
+
+# -----------------------------------------------------------------------------
+# The problem train.py and sample.py use: scenes3d's model, this data set's batches and scores
+
+
+def setting_for(name, format):
+    """scenes3d's setting `name` (its image size and networks) for a format's scenes: rays between the format's
+    near and far, depths encoded relative to its typical depth (the setting's world.cam_dist)."""
+    from toy_problems import scenes3d
+    base, fmt = scenes3d.SETTINGS[name], FORMATS[format]
+    return replace(base, world=replace(base.world, cam_dist=fmt.depth), bounds=(fmt.near, fmt.far))
+
+
+def problem(name, data, format, frame_window=0, workers=0, progress=True):
+    """The toy protocol (toy_problems/__init__.py) of scenes3d setting `name` on the data set at `data`.
+
+    The data set is indexed (and its images cached) when a batch is first asked for, so that building a
+    model, e.g. to sample from a checkpoint, reads nothing."""
+    from toy_problems import scenes3d
+    setting = setting_for(name, format)
+
+    opened = []
+
+    def dataset(rank=0):
+        if not opened:
+            opened.append(SceneSet(data, format, setting.world.size, frame_window, setting.patch, workers=workers,
+                                   rank=rank, progress=progress))
+        return opened[0]
+
+    def sample_batch(batch_size, generator, device="cpu"):
+        return dataset().sample_batch(batch_size, generator, device)
+
+    def loader(batch_size, seed, rank, steps):
+        """Training batches of the steps in `steps` (a range), made ahead by `workers` DataLoader workers."""
+        return iter(torch.utils.data.DataLoader(StepBatches(dataset(rank), batch_size, seed, rank), batch_size=None,
+                                                sampler=steps, num_workers=workers))
+
+    def held_out_batch(n_contexts, seed=0, device="cpu"):
+        """Evaluation examples drawn from the held-out stream: other draws from the same sequences (a data
+        set on disk has no held-out scenes unless you point --data at one)."""
+        return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device)
+
+    evaluate_here = functools.partial(evaluate, held_out_batch=held_out_batch)
+    return types.SimpleNamespace(
+        NAME=name, SETTING=setting, TRAIN_DEFAULTS=scenes3d.TRAIN_DEFAULTS[name], forward=scenes3d.forward,
+        obs_loss=functools.partial(scenes3d.obs_loss, setting=setting), sample_batch=sample_batch, loader=loader,
+        held_out_batch=held_out_batch, make_denoiser=functools.partial(scenes3d.make_denoiser, setting=setting),
+        evaluate=evaluate_here, plot=functools.partial(plot, held_out_batch=held_out_batch),
+        animate=functools.partial(animate, held_out_batch=held_out_batch))
+
+
+@torch.no_grad()
+def sample_fields(model, batch, n_samples, generator, steps=50, **sample_kwargs):
+    """n_samples sampled scenes per context, aimed at its target camera: one batched signal (B * n)."""
+    model.eval()
+    repeat = functools.partial(dfm.repeat_batch, n=n_samples)
+    signal, _ = model.sample(repeat(batch["ctxt_obs"]), repeat(batch["ctxt_params"]), repeat(batch["trgt_params"]),
+                             steps=steps, generator=generator, obs_shape=batch["trgt_obs"].shape[1:], **sample_kwargs)
+    return signal
+
+
+def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=None, **sample_kwargs):
+    """Scores that need no exact posterior, averaged over samples: PSNR, SSIM and LPIPS (nan when its weights
+    are unavailable) of the sampled scenes rendered at the context camera (against the context image) and at
+    the target camera, a nearby frame (against that frame: pixel scores, which the conditional mean wins)."""
+    from toy_problems import scenes3d
+    device = next(model.parameters()).device
+    batch = held_out_batch(n_contexts, seed, device)
+    signal = sample_fields(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps,
+                           **sample_kwargs)
+    lpips_model, _ = metrics.load_lpips()
+    scores = {}
+    with torch.no_grad():
+        for view, obs, params in (("context", batch["ctxt_obs"][:, 0], dfm.map_batch(lambda v: v[:, 0], batch["ctxt_params"])),
+                                  ("near", batch["trgt_obs"], batch["trgt_params"])):
+            rendered = scenes3d.forward(signal, dfm.repeat_batch(params, n_samples))  # (B * n, 3, H, W)
+            truth = obs.repeat_interleave(n_samples, dim=0)
+            scores[f"psnr_{view}"] = metrics.psnr(rendered, truth).mean().item()
+            scores[f"ssim_{view}"] = metrics.ssim(rendered, truth).mean().item()
+            scores[f"lpips_{view}"] = (metrics.lpips_distance(lpips_model.to(device), rendered, truth).mean().item()
+                                       if lpips_model is not None else math.nan)
+    return scores
+
+
+def to_image(obs):
+    return ((obs.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None, held_out_batch=None):
+    """For each held-out example: the context, the true target frame, and sampled scenes (and, if given, the
+    comparison model's prediction) rendered at the target camera."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from toy_problems import scenes3d
+    device = next(model.parameters()).device
+    batch = held_out_batch(n_contexts, seed, device)
+    columns = [("context", batch["ctxt_obs"][:, 0]), ("target frame", batch["trgt_obs"])]
+    for m, n in [(model, n_samples)] + ([(compare, 1)] if compare is not None else []):
+        signal = sample_fields(m, batch, n, torch.Generator(device=device).manual_seed(seed), steps)
+        views = scenes3d.forward(signal, dfm.repeat_batch(batch["trgt_params"], n)).view(n_contexts, n, *batch["trgt_obs"].shape[1:])
+        columns += [(f"{m.kind} {i + 1}" if n > 1 else m.kind, views[:, i]) for i in range(n)]
+    fig, axes = plt.subplots(n_contexts, len(columns), figsize=(1.2 * len(columns), 1.3 * n_contexts), squeeze=False)
+    for j, (name, images) in enumerate(columns):
+        for i in range(n_contexts):
+            axes[i, j].imshow(to_image(images[i]))
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+        axes[0, j].set_title(name, fontsize=7)
+    fig.suptitle("posed images: sampled scenes seen from the target frame's camera", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def arc_cameras(K, depth, n_frames=24, degrees=30.0):
+    """Cameras swinging left and right by up to `degrees` around the point `depth` in front of the camera at
+    the origin (the context camera), always looking at it: dict c2w (F, 4, 4), K (F, 3, 3)."""
+    angle = torch.sin(torch.arange(n_frames) * 2 * math.pi / n_frames) * math.radians(degrees)  # (F,)
+    c, s, zero, one = angle.cos(), angle.sin(), torch.zeros(n_frames), torch.ones(n_frames)
+    R = torch.stack([torch.stack([c, zero, s], -1), torch.stack([zero, one, zero], -1),
+                     torch.stack([-s, zero, c], -1)], -2)  # (F, 3, 3) about the camera's y axis (image down)
+    c2w = torch.eye(4).repeat(n_frames, 1, 1)
+    c2w[:, :3, :3] = R
+    c2w[:, :3, 3] = torch.tensor([0.0, 0.0, depth]) - depth * R[:, :, 2]  # the look-at point stays put
+    return {"c2w": c2w, "K": K.expand(n_frames, 3, 3)}
+
+
+@torch.no_grad()
+def orbit_gif(model, batch, path, orbit, n_samples=3, steps=50, seed=0):
+    """A GIF of n_samples scenes sampled from the one context of batch (ctxt_obs (1, 1, 3, H, W), ctxt_params,
+    and trgt_params, the camera the samples aim at), seen along `orbit` (c2w (F, 4, 4), K (F, 3, 3)),
+    beside the context image."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    from toy_problems import scenes3d
+    device, n_frames = batch["ctxt_obs"].device, len(orbit["c2w"])
+    orbit = dfm.map_batch(lambda v: v.to(device), orbit)
+    batch = {**batch, "trgt_obs": batch["ctxt_obs"][:, 0]}  # only its shape is used
+    signal = sample_fields(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
+    panels = []
+    for i in range(n_samples):
+        one = {**signal, "views": {k: v[i:i + 1].expand(n_frames, *v.shape[1:]) for k, v in signal["views"].items()}}
+        panels.append((f"{model.kind} {i + 1}", scenes3d.forward(one, orbit)))  # (F, 3, H, W)
+    fig, axes = plt.subplots(1, n_samples + 1, figsize=(1.6 * (n_samples + 1), 1.9), squeeze=False)
+    axes[0, 0].imshow(to_image(batch["ctxt_obs"][0, 0]))
+    axes[0, 0].set_title("context", fontsize=7)
+    images = []
+    for ax, (name, frames) in zip(axes[0, 1:], panels):
+        images.append(ax.imshow(to_image(frames[0])))
+        ax.set_title(name, fontsize=7)
+    for ax in axes[0]:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+
+    def frame(f):
+        for image, (_, frames) in zip(images, panels):
+            image.set_data(to_image(frames[f]))
+        return images
+
+    FuncAnimation(fig, frame, frames=n_frames, blit=True).save(path, writer=PillowWriter(fps=8))
+    plt.close(fig)
+
+
+def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, compare=None, held_out_batch=None):
+    """orbit_gif of held-out example `index` along arc_cameras (compare is not drawn: no true scene to orbit)."""
+    device = next(model.parameters()).device
+    batch = dfm.map_batch(lambda v: v[index:index + 1], held_out_batch(index + 1, seed, device))
+    orbit = arc_cameras(batch["ctxt_params"]["K"][0, 0].cpu(), model.denoiser.setting.world.cam_dist, n_frames)
+    orbit_gif(model, batch, path, orbit, n_samples, steps, seed)  # the samples aim at the example's target frame
+
+
+def image_context(path, fov_deg, size):
+    """One image of the user's own as a context: obs (1, 1, 3, S, S) and params with c2w the identity (the pose at
+    the origin, as every training example's context) and K from the horizontal field of view of the image as
+    it is on disk (square pixels, centred), then centre-cropped and resized like the training frames."""
+    from multiview import crop_and_resize, read_image
+    if not 0 < fov_deg < 180:
+        raise ValueError(f"--fov must be in (0, 180) degrees, got {fov_deg}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such image")
+    try:
+        image = read_image(path)
+    except OSError as e:
+        raise ValueError(f"{path}: not an image PIL can read ({e})") from None
+    H, W = image.shape[-2:]
+    fx = 0.5 / math.tan(math.radians(fov_deg) / 2)  # normalised by W
+    K = torch.tensor([[fx, 0.0, 0.5], [0.0, fx * W / H, 0.5], [0.0, 0.0, 1.0]])
+    image, K = crop_and_resize(image, K, size)
+    return 2 * image[None, None] - 1, {"c2w": torch.eye(4)[None, None], "K": K[None, None]}

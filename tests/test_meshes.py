@@ -1,0 +1,119 @@
+"""Real geometry with an exact hidden part (meshes.py), on meshes the tests build: the caster against
+closed-form hits, the PLY reader, the colouring that makes the hidden part exact, the written set read
+back by the NeRF-synthetic loader, and its scores. Only the check of the fetched pyvista meshes needs
+them in the cache (tests never download)."""
+import math
+import os
+import struct
+
+import pytest
+import torch
+
+import meshes
+import multiview
+import render
+from test_scenes3d import TINY, tiny_model
+
+CUBE_VERTICES = torch.tensor([[x, y, z] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+CUBE_QUADS = [[0, 1, 3, 2], [4, 6, 7, 5], [0, 4, 5, 1], [2, 3, 7, 6], [0, 2, 6, 4], [1, 5, 7, 3]]
+CUBE_FACES = torch.tensor([[q[0], q[k], q[k + 1]] for q in CUBE_QUADS for k in (1, 2)])
+
+
+def test_the_caster_finds_the_exact_hits_on_a_cube():
+    g = torch.Generator().manual_seed(0)
+    origins = torch.nn.functional.normalize(torch.randn(400, 3, generator=g), dim=-1) * 3  # outside the cube
+    aims = torch.rand(400, 3, generator=g) * 1.6 - 0.8  # some inside the cube, some past it
+    dirs = torch.nn.functional.normalize(aims - origins, dim=-1)
+    t, face = meshes.cast(CUBE_VERTICES, CUBE_FACES, origins, dirs, chunk=64)
+    near, far = render.intersect_box(origins, dirs, torch.full((3,), -0.5), torch.full((3,), 0.5))  # closed form
+    hits = far > near
+    assert 50 < hits.sum() < 390  # both kinds of ray
+    assert torch.equal(face >= 0, hits) and torch.isinf(t[~hits]).all()
+    assert torch.allclose(t[hits], near[hits], atol=1e-5)
+
+
+def ply(binary):
+    """A tetrahedron plus a quad (split into two triangles), as PLY bytes."""
+    vertices = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)]
+    faces = [(0, 2, 1), (0, 1, 3), (0, 3, 2), (1, 2, 3), (1, 4, 2, 0)]
+    header = (f"ply\nformat {'binary_little_endian' if binary else 'ascii'} 1.0\nelement vertex {len(vertices)}\n"
+              "property float x\nproperty float y\nproperty float z\n"
+              f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n").encode()
+    if binary:
+        body = b"".join(struct.pack("<3f", *v) for v in vertices)
+        body += b"".join(struct.pack(f"<B{len(f)}i", len(f), *f) for f in faces)
+    else:
+        body = "".join(" ".join(map(str, v)) + "\n" for v in vertices).encode()
+        body += "".join(f"{len(f)} " + " ".join(map(str, f)) + "\n" for f in faces).encode()
+    return header + body
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_ply_files_are_read_and_polygons_split_into_triangles(binary):
+    vertices, faces = meshes.read_ply(ply(binary))
+    assert vertices.shape == (5, 3) and vertices[4].tolist() == [1.0, 1.0, 0.0]
+    assert faces.tolist()[-2:] == [[1, 4, 2], [1, 2, 0]] and faces.shape == (6, 3)
+
+
+def test_the_context_sees_only_the_seen_colour_and_the_far_side_shows_the_hidden_part():
+    g = torch.Generator().manual_seed(1)
+    vertices = meshes.place(CUBE_VERTICES, g)
+    ctxt_c2w, ctxt_K = meshes.camera(30.0, 25.0, 24)
+    _, part = meshes.render_mesh(vertices, CUBE_FACES, ctxt_c2w, ctxt_K, 24, ctxt_c2w, ctxt_K)
+    assert (part == 0).sum() > 50 and not (part == 1).any()  # every point the context image shows is seen
+    far_c2w, far_K = meshes.camera(210.0, 25.0, 24)
+    _, far = meshes.render_mesh(vertices, CUBE_FACES, far_c2w, far_K, 24, ctxt_c2w, ctxt_K)
+    assert (far == 1).sum() > 50  # a convex body: what the far camera sees is mostly what the context cannot
+    # a point is seen exactly when its face points towards the context camera (a convex body hides nothing else)
+    origins, dirs = render.get_rays(far_c2w, far_K, render.pixel_centers(24, 24))
+    t, face = meshes.cast(vertices, CUBE_FACES, origins, dirs)
+    a, b, c = vertices[CUBE_FACES[face.clamp(min=0)]].unbind(1)
+    outward = torch.linalg.cross(b - a, c - a)  # the cube's faces wind outwards
+    point = origins + t.nan_to_num(posinf=0)[:, None] * dirs
+    facing = ((ctxt_c2w[:3, 3] - point) * outward).sum(-1) > 0
+    ok = face >= 0
+    clear = ok & (((ctxt_c2w[:3, 3] - point) * torch.nn.functional.normalize(outward, dim=-1)).sum(-1).abs() > 0.05)
+    assert torch.equal((far.view(-1) == 0)[clear], facing[clear])
+
+
+def test_a_scene_is_written_as_nerf_synthetic_and_read_back_with_its_exact_posterior(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    vertices = meshes.place(CUBE_VERTICES, g)
+    seen, hidden = meshes.write_scene(str(tmp_path / "scene"), vertices, CUBE_FACES, 4, 16, g)
+    train = multiview.load_scene(str(tmp_path / "scene" / "transforms_train.json"), "blender")
+    test = multiview.load_scene(str(tmp_path / "scene" / "transforms_test.json"), "blender")
+    posterior = torch.load(tmp_path / "scene" / "posterior.pt", weights_only=True)
+    assert train["images"].shape == (4, 3, 16, 16) and test["images"].shape == (3, 3, 16, 16)
+    for scene in (train, test):  # rendering the mesh from the loaded cameras gives the loaded images
+        for c2w, K, image in zip(scene["c2w"], scene["K"], scene["images"]):
+            shade, part = meshes.render_mesh(vertices, CUBE_FACES, c2w, K, 16, train["c2w"][0], train["K"][0])
+            assert (meshes.paint(shade, part, seen, hidden) - image).abs().max() <= 1 / 127.5 + 1e-4
+    assert torch.allclose(posterior["palette_renders"][:, hidden], test["images"], atol=1 / 127.5 + 1e-4)
+    assert posterior["hidden"].shape == (3, 16, 16) and posterior["hidden"][0].sum() > 0
+    assert json_context(tmp_path / "scene" / "transforms_train.json") == 0  # training always uses frame 0 as context
+
+
+def json_context(path):
+    import json
+    return json.load(open(path))["context_frame"]
+
+
+def test_hidden_scores_run_on_a_built_set_and_building_never_overwrites(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("toy_problems.scenes3d", fromlist=["x"]).SETTINGS, "scenes3d", TINY)
+    cube = {"cube": (CUBE_VERTICES, CUBE_FACES)}
+    meshes.build(str(tmp_path / "set"), n_scenes=2, n_views=3, size=32, seed=0, meshes=cube, progress=False)
+    with pytest.raises(ValueError, match="is not empty"):
+        meshes.build(str(tmp_path / "set"), n_scenes=1, meshes=cube, progress=False)
+    scores = meshes.hidden_scores(tiny_model(), str(tmp_path / "set"), n_scenes=2, n_samples=2, steps=2)
+    assert scores["scenes"] == 2 and 0 <= scores["hidden_tv"] <= 0.75 and 0 <= scores["hidden_tv_floor"] <= 0.75
+    assert 0 <= scores["sharp"] <= 1 and 0 <= scores["consistent"] <= 1 and math.isfinite(scores["psnr_context"])
+
+
+def test_the_registry_meshes_are_never_fetched_in_tests_and_read_when_cached(tmp_path):
+    with pytest.raises(RuntimeError, match="DFM_NO_DOWNLOAD=1 forbids fetching"):
+        meshes.fetch_meshes(str(tmp_path))
+    if not all(os.path.exists(os.path.join(meshes.DEFAULT_CACHE, f"{n}.ply")) for n in meshes.MESHES):
+        pytest.skip(f"pyvista's meshes are not cached in {meshes.DEFAULT_CACHE} (python meshes.py fetches them)")
+    found = meshes.fetch_meshes()
+    assert {n: tuple(f.shape) for n, (_, f) in found.items()} == {"airplane": (2452, 3), "ant": (912, 3),
+                                                                 "nut": (1046, 3)}
