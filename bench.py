@@ -113,7 +113,8 @@ def bench(name, args):
                      torch=torch.__version__, python=platform.python_version()),
         # train.train refuses a run in --out with another config or past cfg.steps, so every run has cfg.steps
         settings=dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
-                      n_contexts=args.n_contexts, n_samples=args.n_samples, sample_steps=args.sample_steps or 50),
+                      n_contexts=args.n_contexts, n_samples=args.n_samples, sample_steps=args.sample_steps or 50,
+                      curve_eval=train.CURVE_EVAL),
         seeds=seeds, columns=columns, summary=summary, ratios=ratios, runs=runs)
     if hasattr(problem, "benchmark_render"):  # problems rendered by render.py
         results["render rays/s"] = problem.benchmark_render(device=cfg.device)
@@ -188,8 +189,9 @@ def plot_curves(results, path):
         ax.set_title(c)
     axes[0, 0].set_ylabel("distance to the exact posterior")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"{results['problem']}: learning curves, {len(results['seeds'])} seeds (evaluation during training: "
-                 "16 contexts x 32 samples, 20 DDIM steps)", fontsize=10)
+    e = results["settings"]["curve_eval"]
+    fig.suptitle(f"{results['problem']}: learning curves, {len(results['seeds'])} seeds (scored while training on "
+                 f"{e['n_contexts']} contexts x {e['n_samples']} samples, {e['steps']} DDIM steps)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)

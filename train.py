@@ -38,6 +38,9 @@ import dfm
 import toy_problems
 from config import MODELS, RESUMABLE, Config, check_device, make_config, option_help, problems_for_help, resolve
 
+CURVE_EVAL = dict(n_contexts=16, n_samples=32, steps=20)  # the quick scores of --eval-every (the learning curve)
+
+
 def build_model(cfg):
     """The model of a config; with --forward-error its forward model is not the one that made the data."""
     problem = toy_problems.load(cfg.problem)
@@ -228,7 +231,8 @@ def train(cfg, resume=None, progress=True):
             if cfg.eval_every and step % cfg.eval_every == 0:  # before the checkpoint, which then holds it
                 eval_start = time.perf_counter()
                 if rank == 0:
-                    scores = problem.evaluate(ema, n_contexts=16, n_samples=32, steps=min(20, cfg.timesteps))
+                    scores = problem.evaluate(ema, seed=cfg.seed, **{**CURVE_EVAL, "steps": min(CURVE_EVAL["steps"],
+                                                                                          cfg.timesteps)})
                     curve.append({"step": step, **scores})
                     tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
                 eval_seconds += time.perf_counter() - eval_start

@@ -8,6 +8,7 @@ import pytest
 
 import bench
 import toy_problems
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,6 +17,7 @@ def test_bench_all_writes_results_with_seed_spread_curves_and_tables(monkeypatch
     for name in bench.ALL:  # a tiny batch: the run is about the bookkeeping of seeds, curves and tables
         problem = toy_problems.load(name)
         monkeypatch.setattr(problem, "TRAIN_DEFAULTS", dict(problem.TRAIN_DEFAULTS, batch_size=2))
+    monkeypatch.setattr(train, "CURVE_EVAL", dict(n_contexts=2, n_samples=2, steps=2))
     monkeypatch.setattr(sys, "argv", ["bench.py", "--all", "--seeds", "2", "--steps", "2", "--eval-every", "1",
                                       "--n-contexts", "2", "--n-samples", "2", "--sample-steps", "2",
                                       "--out", str(tmp_path), "--no-progress"])
