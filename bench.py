@@ -140,11 +140,11 @@ def cell(stat, digits):
 def results_table(results):
     """The markdown of a results file: a header line, the scores (mean ± sd over the seeds) with the floor,
     and the ratios of DFM's distances to the other models', computed seed by seed."""
-    columns, summary, s = results["columns"], results["summary"], results["settings"]
+    columns, summary, s, m = results["columns"], results["summary"], results["settings"], results["machine"]
     lines = [f"{results['problem']}: {s['steps']} steps x batch {s['batch_size']} per model, "
              f"seeds {', '.join(map(str, results['seeds']))} (mean ± sd over seeds); distances to the exact "
-             f"posterior, lower is better; {results['machine']['cpu']} {results['machine']['device']}, "
-             f"torch {results['machine']['torch']}", "",
+             f"posterior, lower is better; {m['cpu']}, {m['cpus']} cpus, {m['threads']} thread(s), device "
+             f"{m['device']}, torch {m['torch']}", "",
              "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row, label in [(k, k) for k in KINDS] + [("floor", "floor (exact vs exact)")]:
         digits = lambda c: 1 if c in TIMINGS else 4  # noqa: E731

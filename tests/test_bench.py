@@ -59,8 +59,8 @@ def test_the_readmes_result_tables_are_their_results_files():
 
 def test_a_readme_block_is_rewritten_from_its_results_file(tmp_path):
     results = {"problem": "toy", "columns": ["d", "train ms/step"], "seeds": [0, 1],
-               "settings": {"steps": 5, "batch_size": 2}, "machine": {"cpu": "x86_64", "cpus": 2, "device": "cpu",
-                                                                      "torch": "2.14.1"},
+               "settings": {"steps": 5, "batch_size": 2},
+               "machine": {"cpu": "x86_64", "cpus": 2, "threads": 1, "device": "cpu", "torch": "2.14.1"},
                "summary": {**{k: {"d": {"mean": 0.5, "sd": 0.25}, "train ms/step": {"mean": 10.0, "sd": 1.0}}
                               for k in bench.KINDS}, "floor": {"d": {"mean": 0.125, "sd": None}}},
                "ratios": {"dfm/oracle": {"d": {"mean": 1.0, "sd": 0.0}},
