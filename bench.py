@@ -1,25 +1,35 @@
-"""The benchmark: DFM against its two comparison models, with the same budget, on a toy problem.
+"""The benchmark: DFM against its two comparison models, with the same budget, on the toy problems.
 
-    python bench.py                          # the 1D toy
-    python bench.py --problem gp1d flatland  # several problems, one after another
-    python bench.py --figures assets         # also refresh the README's figures (tracked in git)
+    python bench.py --all --seeds 3 --results assets/results --figures assets   # the README's results
+    python bench.py --problem gp1d flatland     # some problems, one seed, figures in out/bench/figures
+    python bench.py --table assets/results/gp1d.json   # print the README table of a results file
+    python bench.py --readme                    # rewrite README.md's result tables from assets/results
 
-For each model (dfm, deterministic, oracle) it trains with the problem's default budget
-(or finishes, or just loads, the run already in --out; training time is then that run's),
-scores the EMA weights against the exact posterior on held-out contexts, and times
-training (ms per step) and sampling (ms per sample, 50 DDIM steps). It prints one markdown
-table per problem, with the floor (two exact sample sets scored against each other), and
-saves a figure per model in --figures (out/bench/figures by default; the README's figures in
+For each problem, seed and model (dfm, deterministic, oracle) it trains with the problem's
+default budget (or finishes, or just loads, the run already in --out), scoring the EMA
+weights against the exact posterior every --eval-every steps as it trains (the learning
+curve, kept in the checkpoint); then it scores the final EMA weights on the held-out contexts
+of that seed and times training (ms per step) and sampling (ms per sample, 50 DDIM steps).
+It prints one markdown table per problem (mean and sd over the seeds, the floor, and the
+ratios DFM/oracle and DFM/deterministic computed seed by seed) and writes everything to
+<--results>/NAME.json, from which the README's tables and learning-curve figures are made.
+The first seed's runs also draw a figure per model in --figures (the README's figures in
 assets/ are only overwritten with an explicit --figures assets).
 """
 import argparse
+import json
 import os
 import platform
+import re
+import statistics
 import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
 
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import torch
 
 import dfm
@@ -28,6 +38,8 @@ import config
 import train
 
 KINDS = ["dfm", "deterministic", "oracle"]
+ALL = ["gan_inversion", "motion", "flatland", "gp1d"]  # the 2D toys, cheapest first (bench3d.py has the 3D one)
+TIMINGS = ["train ms/step", "sample ms/sample"]
 
 
 def time_sampling(problem, model, device, n=64, steps=50):
@@ -38,37 +50,152 @@ def time_sampling(problem, model, device, n=64, steps=50):
     return 1000 * (time.perf_counter() - start) / n
 
 
+def run_one(problem, name, kind, seed, args):
+    """Train (or reuse) one run and score it: {"seed", "scores", "curve", "load_average"}."""
+    cfg = config.make_config(name, model=kind, seed=seed, out_dir=os.path.join(args.out, f"{name}-{kind}-seed{seed}"),
+                             **{k: v for k, v in (("steps", args.steps), ("eval_every", args.eval_every)) if v is not None})
+    if args.eval_every is None:
+        cfg.eval_every = max(1, cfg.steps // 10)  # ten points on the learning curve
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    resume = path if os.path.exists(path) else None  # finish (or just load) an earlier run of the same config
+    model, seconds_per_step = train.train(cfg, resume=resume, progress=not args.no_progress)
+    curve = torch.load(path, weights_only=True).get("curve", [])
+    evaluate_kwargs = {k: v for k, v in (("n_contexts", args.n_contexts), ("n_samples", args.n_samples),
+                                         ("steps", args.sample_steps)) if v is not None}
+    scores = problem.evaluate(model, seed=seed, **evaluate_kwargs)
+    scores["train ms/step"] = 1000 * seconds_per_step
+    scores["sample ms/sample"] = time_sampling(problem, model, cfg.device, n=args.n_contexts or 64,
+                                               steps=args.sample_steps or 50)
+    if seed == args.seed:
+        plot_kwargs = {"steps": args.sample_steps} if args.sample_steps else {}
+        os.makedirs(args.figures, exist_ok=True)
+        problem.plot(model, os.path.join(args.figures, f"{name}-{kind}.png"), seed=seed, **plot_kwargs)
+        if kind == "dfm" and hasattr(problem, "animate"):  # problems with cameras get a GIF of one sample
+            problem.animate(model, os.path.join(args.figures, f"{name}-{kind}.gif"), seed=seed, **plot_kwargs)
+    return dict(seed=seed, scores=scores, curve=curve, load_average=list(os.getloadavg())), cfg
+
+
+def mean_sd(values):
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def summarise(runs):
+    """Means and sds over the seeds of every score, the floor, and the per-seed ratios of the distances
+    (the scores with a floor) of DFM to the oracle and to the deterministic model."""
+    columns = list(dict.fromkeys(c for kind in KINDS for c in runs[kind][0]["scores"] if not c.endswith("_floor")))
+    summary = {kind: {c: mean_sd([r["scores"][c] for r in runs[kind]]) for c in columns if c in runs[kind][0]["scores"]}
+               for kind in KINDS}
+    floors = [c for c in columns if c + "_floor" in runs["dfm"][0]["scores"]]
+    summary["floor"] = {c: mean_sd([r["scores"][c + "_floor"] for r in runs["dfm"]]) for c in floors}
+    ratios = {}
+    for other in ("oracle", "deterministic"):
+        ratios[f"dfm/{other}"] = {}
+        for c in floors:
+            per_seed = [d["scores"][c] / o["scores"][c] for d, o in zip(runs["dfm"], runs[other])]
+            ratios[f"dfm/{other}"][c] = {"per_seed": per_seed, **mean_sd(per_seed)}
+    return columns, summary, ratios
+
+
 def bench(name, args):
     problem = toy_problems.load(name)
-    rows = {}
-    for kind in KINDS:
-        cfg = config.make_config(name, model=kind, seed=args.seed, eval_every=0,
-                                out_dir=os.path.join(args.out, f"{name}-{kind}"),
-                                **({"steps": args.steps} if args.steps is not None else {}))
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        resume = path if os.path.exists(path) else None  # finish (or just load) an earlier run of the same config
-        model, seconds_per_step = train.train(cfg, resume=resume, progress=not args.no_progress)
-        scores = problem.evaluate(model, seed=args.seed)
-        scores["train ms/step"] = 1000 * seconds_per_step
-        scores["sample ms/sample"] = time_sampling(problem, model, cfg.device)
-        rows[kind] = scores
-        os.makedirs(args.figures, exist_ok=True)
-        problem.plot(model, os.path.join(args.figures, f"{name}-{kind}.png"), seed=args.seed)
-        if kind == "dfm" and hasattr(problem, "animate"):  # problems with cameras get a GIF of one sample
-            problem.animate(model, os.path.join(args.figures, f"{name}-{kind}.gif"), seed=args.seed)
-    columns = [c for c in rows["dfm"] if not c.endswith("_floor")]
-    # train.train refuses a run in --out with another config or past cfg.steps, so every model has cfg.steps
-    print(f"\n{name}: {cfg.steps} steps x batch {cfg.batch_size} per model, seed {args.seed}; "
-          f"distances to the exact posterior, lower is better")
-    print("| model | " + " | ".join(columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
-    for kind, scores in rows.items():
-        print(f"| {kind} | " + " | ".join(f"{scores[c]:.4f}" if c in scores else "-" for c in columns) + " |")
-    floor = rows["dfm"]
-    print("| floor (exact vs exact) | " + " | ".join(f"{floor[c + '_floor']:.4f}" if c + "_floor" in floor else "-"
-                                                    for c in columns) + " |")
+    start = time.perf_counter()
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs = {kind: [] for kind in KINDS}
+    for seed in seeds:
+        for kind in KINDS:
+            run, cfg = run_one(problem, name, kind, seed, args)
+            runs[kind].append(run)
+    columns, summary, ratios = summarise(runs)
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = dict(
+        problem=name, command="python bench.py " + " ".join(sys.argv[1:]), minutes=(time.perf_counter() - start) / 60,
+        machine=dict(cpu=platform.machine(), cpus=os.cpu_count(), threads=torch.get_num_threads(), device=device,
+                     torch=torch.__version__, python=platform.python_version()),
+        # train.train refuses a run in --out with another config or past cfg.steps, so every run has cfg.steps
+        settings=dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
+                      n_contexts=args.n_contexts, n_samples=args.n_samples, sample_steps=args.sample_steps or 50,
+                      curve_eval=train.CURVE_EVAL),
+        seeds=seeds, columns=columns, summary=summary, ratios=ratios, runs=runs)
     if hasattr(problem, "benchmark_render"):  # problems rendered by render.py
-        print(f"render.py throughput (forward + backward): {problem.benchmark_render(device=cfg.device):,.0f} rays/s")
+        results["render rays/s"] = problem.benchmark_render(device=cfg.device)
+    os.makedirs(args.results, exist_ok=True)
+    path = os.path.join(args.results, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)  # atomic: a killed run leaves the last results whole
+    plot_curves(results, os.path.join(args.figures, f"{name}-curves.png"))
+    print(f"\n{results_table(results)}\n(results: {path}; {results['minutes']:.1f} minutes)")
+
+
+# -----------------------------------------------------------------------------
+# Results files -> README tables and learning-curve figures
+
+
+def cell(stat, digits):
+    if stat is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat["sd"] is not None else "")
+
+
+def results_table(results):
+    """The markdown of a results file: a header line, the scores (mean ± sd over the seeds) with the floor,
+    and the ratios of DFM's distances to the other models', computed seed by seed."""
+    columns, summary, s, m = results["columns"], results["summary"], results["settings"], results["machine"]
+    lines = [f"{results['problem']}: {s['steps']} steps x batch {s['batch_size']} per model, "
+             f"seeds {', '.join(map(str, results['seeds']))} (mean ± sd over seeds); distances to the exact "
+             f"posterior, lower is better; {m['cpu']}, {m['cpus']} cpus, {m['threads']} thread(s), device "
+             f"{m['device']}, torch {m['torch']}", "",
+             "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row, label in [(k, k) for k in KINDS] + [("floor", "floor (exact vs exact)")]:
+        digits = lambda c: 1 if c in TIMINGS else 4  # noqa: E731
+        lines.append(f"| {label} | " + " | ".join(cell(summary[row].get(c), digits(c)) for c in columns) + " |")
+    distances = list(next(iter(results["ratios"].values())))
+    lines += ["", "| ratio, seed by seed | " + " | ".join(distances) + " |", "|---" * (len(distances) + 1) + "|"]
+    for ratio, by_column in results["ratios"].items():
+        lines.append(f"| {ratio.replace('/', ' / ')} | " + " | ".join(cell(by_column[c], 2) for c in distances) + " |")
+    return "\n".join(lines)
+
+
+BLOCK = re.compile(r"(<!-- results (\w+)[^>]*-->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def readme_with_tables(text, results_dir):
+    """The README's text with every block between `<!-- results NAME ... -->` and `<!-- /results -->`
+    replaced by the table of results_dir/NAME.json."""
+    def table(match):
+        with open(os.path.join(results_dir, f"{match.group(2)}.json")) as f:
+            return match.group(1) + results_table(json.load(f)) + "\n" + match.group(4)
+    return BLOCK.sub(table, text)
+
+
+def plot_curves(results, path):
+    """Distance to the exact posterior against training step, one panel per distance: each model's mean over
+    the seeds (line) and their range (band), with the floor of the same evaluation (dashed)."""
+    curves = {kind: [r["curve"] for r in results["runs"][kind]] for kind in KINDS}
+    if not all(all(curves[kind]) for kind in KINDS):
+        return  # a run trained with --eval-every 0 has no curve
+    distances = list(next(iter(results["ratios"].values())))
+    fig, axes = plt.subplots(1, len(distances), figsize=(4.5 * len(distances), 3.4), squeeze=False)
+    for ax, c in zip(axes[0], distances):
+        for kind, color in zip(KINDS, ["tab:red", "tab:gray", "tab:blue"]):
+            steps = [point["step"] for point in curves[kind][0]]
+            values = torch.tensor([[point[c] for point in curve] for curve in curves[kind]])  # (seeds, points)
+            ax.plot(steps, values.mean(0), color=color, label=kind)
+            ax.fill_between(steps, values.min(0).values, values.max(0).values, color=color, alpha=0.2, lw=0)
+        floor = torch.tensor([[point[c + "_floor"] for point in curve] for curve in curves["dfm"]]).mean(0)
+        ax.plot(steps, floor, color="black", ls="--", label="floor (exact vs exact)")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_title(c)
+    axes[0, 0].set_ylabel("distance to the exact posterior")
+    axes[0, 0].legend(fontsize=8)
+    e = results["settings"]["curve_eval"]
+    fig.suptitle(f"{results['problem']}: learning curves, {len(results['seeds'])} seeds (scored while training on "
+                 f"{e['n_contexts']} contexts x {e['n_samples']} samples, {e['steps']} DDIM steps)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main():
@@ -76,23 +203,54 @@ def main():
     parser.add_argument("--problem", nargs="+", default=["gp1d"], choices=toy_problems.PROBLEMS, metavar="PROBLEM",
                         help="toy problems to benchmark, one after another: "
                              f"{', '.join(toy_problems.PROBLEMS)} (default: gp1d)")
+    parser.add_argument("--all", action="store_true", help=f"every 2D toy, cheapest first: {', '.join(ALL)} "
+                        "(default: only --problem)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per model: --seed, --seed + 1, ...; each seed "
+                        "trains its own runs and scores its own held-out contexts (default: 1)")
     parser.add_argument("--steps", type=int, help="training steps per model (default: the problem's, "
                         "as in train.py --help)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and of the held-out contexts, "
+    parser.add_argument("--eval-every", type=int, help="steps between the scores of the learning curve, 0 = none "
+                        "(default: a tenth of the steps)")
+    parser.add_argument("--n-contexts", type=int, help="held-out contexts of the final scores "
+                        "(default: the problem's evaluate())")
+    parser.add_argument("--n-samples", type=int, help="samples per context of the final scores "
+                        "(default: the problem's evaluate())")
+    parser.add_argument("--sample-steps", type=int, help="DDIM steps of the final scores and figures (default: 50)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed of training and of the held-out contexts, "
                         "in [0, 2^30) (default: 0)")
     parser.add_argument("--out", default=os.path.join("out", "bench"), help="folder for the runs' checkpoints, "
-                        "one subfolder per problem and model; runs found there are finished or reused "
+                        "one subfolder per problem, model and seed; runs found there are finished or reused "
                         "(default: out/bench)")
-    parser.add_argument("--figures", help="folder for the figures (default: out/bench/figures, i.e. <--out>/figures; "
+    parser.add_argument("--results", help="folder for the results files NAME.json (default: <--out>/results; "
+                        "--results assets/results refreshes the README's)")
+    parser.add_argument("--figures", help="folder for the figures (default: <--out>/figures; "
                         "--figures assets refreshes the README's)")
+    parser.add_argument("--table", metavar="JSON", help="only print the markdown table of this results file "
+                        "(default: benchmark)")
+    parser.add_argument("--readme", nargs="?", const="README.md", metavar="PATH", help="only rewrite the result "
+                        "tables of this README (default when given: README.md) from --results "
+                        "(here: default assets/results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (default: show them)")
     args = parser.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(results_table(json.load(f)))
+        return
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        with open(args.readme, "w") as f:
+            f.write(readme_with_tables(text, args.results or os.path.join("assets", "results")))
+        return
     args.figures = args.figures or os.path.join(args.out, "figures")
+    args.results = args.results or os.path.join(args.out, "results")
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), device {device}")
     try:
-        for name in args.problem:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be an integer >= 1, got {args.seeds}")
+        for name in ALL if args.all else args.problem:
             bench(name, args)
     except (ValueError, FileNotFoundError) as e:  # a bad option, or a run in --out that does not match
         print(f"error: {e}", file=sys.stderr)

@@ -38,6 +38,9 @@ import dfm
 import toy_problems
 from config import MODELS, RESUMABLE, Config, check_device, make_config, option_help, problems_for_help, resolve
 
+CURVE_EVAL = dict(n_contexts=16, n_samples=32, steps=20)  # the quick scores of --eval-every (the learning curve)
+
+
 def load_problem(cfg):
     """The problem of a run: a toy, or with --data the 3D model on posed images from disk (multiview_data.py)."""
     if cfg.data:
@@ -168,11 +171,12 @@ def train(cfg, resume=None, progress=True):
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, train_seconds, saved_step = 0, 0.0, None
+    curve = []  # the learning curve: [{"step": k, **scores}] from the evaluations every cfg.eval_every steps
     if resume:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
-        step, train_seconds = ckpt["step"], ckpt["train_seconds"]
+        step, train_seconds, curve = ckpt["step"], ckpt["train_seconds"], ckpt.get("curve", [])
     first_step = step
     batches = problem.loader(cfg.batch_size // world, cfg.seed, rank, range(step, cfg.steps)) if cfg.data else None
     ddp_model = DistributedDataParallel(model) if distributed else model
@@ -181,8 +185,8 @@ def train(cfg, resume=None, progress=True):
         nonlocal saved_step
         if rank == 0:
             save_checkpoint(path, dict(config=dataclasses.asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
-                                       optimizer=optimizer.state_dict(), step=step,
-                                       train_seconds=train_seconds + time.perf_counter() - start_time))
+                                       optimizer=optimizer.state_dict(), step=step, curve=curve,
+                                       train_seconds=train_seconds + time.perf_counter() - start_time - eval_seconds))
         saved_step = step
 
     # Ctrl-C only raises a flag; the loop stops at the next step boundary, where model, EMA, optimiser
@@ -200,7 +204,7 @@ def train(cfg, resume=None, progress=True):
         print(f"training {cfg.problem}/{cfg.model} from step {step} to {cfg.steps} on {cfg.device}; "
               f"checkpoints: {path} (Ctrl-C saves one and stops)", file=sys.stderr, flush=True)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc=f"{cfg.problem}/{cfg.model}")
-    start_time, smooth_loss = time.perf_counter(), None
+    start_time, eval_seconds, smooth_loss = time.perf_counter(), 0.0, None  # evaluations do not count as training time
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     try:
         while step < cfg.steps:
@@ -234,16 +238,21 @@ def train(cfg, resume=None, progress=True):
             smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{smooth_loss:.4f}")
+            if cfg.eval_every and step % cfg.eval_every == 0:  # before the checkpoint, which then holds it
+                eval_start = time.perf_counter()
+                if rank == 0:
+                    scores = problem.evaluate(ema, seed=cfg.seed, **{**CURVE_EVAL, "steps": min(CURVE_EVAL["steps"],
+                                                                                          cfg.timesteps)})
+                    curve.append({"step": step, **scores})
+                    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
+                eval_seconds += time.perf_counter() - eval_start
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 checkpoint()
-            if rank == 0 and cfg.eval_every and step % cfg.eval_every == 0:
-                scores = problem.evaluate(ema, n_contexts=16, n_samples=32, steps=min(20, cfg.timesteps))
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
     finally:
         bar.close()
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)
-    seconds_per_step = (train_seconds + time.perf_counter() - start_time) / max(1, step)
+    seconds_per_step = (train_seconds + time.perf_counter() - start_time - eval_seconds) / max(1, step)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -307,11 +307,13 @@ def test_bench_writes_figures_under_out_and_states_the_steps_it_used(cli, monkey
     monkeypatch.setattr(gp1d, "evaluate", lambda model, seed=0: {"window": 0.5, "window_floor": 0.1})
     monkeypatch.setattr(gp1d, "plot", lambda model, path, seed=0: plots.append(path))
     monkeypatch.setattr(bench, "time_sampling", lambda *a, **k: 1.0)
-    code, out, err = cli(bench, "--problem", "gp1d", "--steps", 2, "--out", tmp_path / "bench", "--no-progress")
+    code, out, err = cli(bench, "--problem", "gp1d", "--steps", 2, "--eval-every", 0, "--out", tmp_path / "bench",
+                         "--no-progress")
     assert code == 0, err
     assert "gp1d: 2 steps x batch 2 per model" in out
     assert plots == [str(tmp_path / "bench" / "figures" / f"gp1d-{kind}.png") for kind in bench.KINDS]
-    code, out, err = cli(bench, "--problem", "gp1d", "--steps", 1, "--out", tmp_path / "bench", "--no-progress")
+    code, out, err = cli(bench, "--problem", "gp1d", "--steps", 1, "--eval-every", 0, "--out", tmp_path / "bench",
+                         "--no-progress")
     assert code == 2 and "the checkpoint is at step 2, past --steps 1" in err  # not silently the 2-step runs
 
 
