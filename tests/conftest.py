@@ -21,8 +21,9 @@ sys.path.insert(0, ROOT)
 @pytest.fixture
 def run_notebook(monkeypatch, tmp_path):
     """Execute notebooks/<name> top to bottom, as a student would, in fast mode (DFM_FAST=1:
-    a few seconds of training per model). A failing cell fails the test. The kernel's temporary
-    folders (tempfile.mkdtemp) go under pytest's tmp_path, so a failed run leaves nothing in /tmp."""
+    a few seconds of training per model), and return it with its outputs. A failing cell fails the
+    test. The kernel's temporary folders (tempfile.mkdtemp) go under pytest's tmp_path, so a failed
+    run leaves nothing in /tmp."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("DFM_FAST", "1")  # the kernel inherits both
@@ -30,7 +31,22 @@ def run_notebook(monkeypatch, tmp_path):
 
     def run(name):
         notebook = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
-        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+        return nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                       resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
 
     return run
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """cli(module, *args): module.main() with these command-line arguments -> (exit status, stdout, stderr)."""
+    def call(module, *args):
+        monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *map(str, args)])
+        try:
+            module.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return call
