@@ -199,7 +199,8 @@ def plot_curves(results, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--problem", nargs="+", default=["gp1d"], choices=toy_problems.PROBLEMS, metavar="PROBLEM",
                         help="toy problems to benchmark, one after another: "
                              f"{', '.join(toy_problems.PROBLEMS)} (default: gp1d)")

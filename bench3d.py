@@ -82,7 +82,8 @@ def memory_table():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--problem", default="scenes3d", choices=["scenes3d", "scenes3d-64", "scenes3d-128"],
                         help="which 3D setting to train and score (default: scenes3d, 32x32 for a CPU)")
     parser.add_argument("--steps", type=int, help="training steps per model (default: the problem's, 2000 for scenes3d)")

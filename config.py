@@ -135,9 +135,59 @@ def check_device(device):
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
+GPU_SETTINGS = ("scenes3d-64", "scenes3d-128")  # sized for a GPU's memory; check_memory refuses what a CPU cannot hold
+
+
+def available_memory():
+    """Bytes this machine can still give a process: Linux's MemAvailable, or a container's (cgroup v2)
+    limit if that is lower; None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = int(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024  # given in kB
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            free = min(free, int(limit.read()) - int(used.read()))  # "max" (no limit) raises ValueError
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_memory(cfg, world=1):
+    """Refuse a run on the CPU whose training step cannot fit in this machine's memory, before anything is
+    written: otherwise the kernel kills it minutes later without a word. Warn when it may not fit.
+
+    The 3D problems count what one example of a step holds (scenes3d_eval.memory_per_sample: weights,
+    gradients, Adam, EMA, and every tensor autograd saves); the count leaves out temporaries, so it is a
+    lower bound. The other problems need megabytes. On a GPU, torch reports running out of memory itself."""
+    if not cfg.problem.startswith("scenes3d") or torch.device(cfg.device).type != "cpu":
+        return
+    free = available_memory()
+    if free is None:
+        return
+    from toy_problems import scenes3d_eval
+    count = scenes3d_eval.memory_per_sample(cfg.problem, cfg.precision)  # bytes of one example (batch 1)
+    need = world * count["weights"] + cfg.batch_size * count["activations"]  # processes share the machine's memory
+    gib = 2 ** 30
+    fits = max(0, int((free / 2 - world * count["weights"]) // count["activations"]))  # leaves room for temporaries
+    what = (f"a training step of {cfg.problem} at --batch-size {cfg.batch_size} needs at least {need / gib:.1f} GiB "
+            f"({count['activations'] / gib:.2f} GiB per example), and this machine has {free / gib:.1f} GiB free")
+    hint = (f"{cfg.problem} is a GPU setting (train it with --device cuda on a GPU, or --problem scenes3d on a "
+            "CPU); " if cfg.problem in GPU_SETTINGS else "")
+    if need > free:
+        raise ValueError(f"{what}: {hint}" + (f"here pass --batch-size {fits} or less" if fits else
+                                              "here not even --batch-size 1 leaves room to spare"))
+    if need > free / 2 and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {what}; the count leaves out temporaries: if the run is killed, lower --batch-size",
+              file=sys.stderr)
+
+
 # The command line: what each option does and its unit; option_help adds the defaults.
 HELP = {
-    "problem": "the toy problem to train on",
+    "problem": "the toy problem to train on; scenes3d-64 and scenes3d-128 are GPU settings (64x64 and 128x128 "
+               "images, larger networks: at their default batch a step needs more memory than most CPU machines have, "
+               "and train.py refuses one that does not fit), scenes3d is the CPU setting (32x32)",
     "model": "what to train: dfm (the method), deterministic (regression from the context, pixelNeRF-style) "
              "or oracle (conditional diffusion on the true signal, which only a toy can provide)",
     "steps": "optimisation steps in all, a count (on --resume: the new total, more than the checkpoint's step)",

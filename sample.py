@@ -20,6 +20,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
 
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 from tqdm import tqdm
 
 import dfm
@@ -76,6 +77,13 @@ def check(args, cfg):
         raise ValueError("--image needs a checkpoint of a 3D problem (scenes3d*) and --fov, and takes no --compare")
     if args.fov is not None and args.image is None:
         raise ValueError("--fov is the field of view of --image; give both")
+    if args.figure is None:
+        return  # the default, out/samples/ or beside a run's ckpt.pt (figure_path)
+    extension = os.path.splitext(args.figure)[1].lstrip(".").lower()  # none: figure_path adds .png
+    formats = FigureCanvasBase.get_supported_filetypes()  # what matplotlib's savefig can write
+    if extension and extension not in formats:
+        raise ValueError(f"--figure {args.figure!r} must end in an image format matplotlib writes: "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
     folder = os.path.dirname(args.figure) or "."
     if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise ValueError(f"--figure {args.figure!r}: the folder {folder!r} does not exist or is not writable")
@@ -104,13 +112,26 @@ def sample_image(model, cfg, context, args):
     print(f"{cfg.problem} / {cfg.model}: {args.n_samples or 3} scenes sampled from {args.image}; orbit: {gif}")
 
 
+def figure_path(figure, checkpoint):
+    """--figure (with .png added if it has no extension, as savefig would), or by default samples.png beside
+    a run's ckpt.pt (the name train.py writes); the figure of any other checkpoint file (one exported into
+    notebooks/, which git tracks, say) goes to out/samples/."""
+    if figure is not None:
+        return figure if os.path.splitext(figure)[1] else figure + ".png"
+    if os.path.basename(checkpoint) == "ckpt.pt":
+        return os.path.join(os.path.dirname(checkpoint), "samples.png")
+    return os.path.join("out", "samples", os.path.splitext(os.path.basename(checkpoint))[0] + ".png")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("checkpoint", help="a ckpt.pt written by train.py")
     parser.add_argument("--seed", type=int, default=0,
                         help="picks the held-out contexts and the sampling noise, in [0, 2^30) (default: 0)")
-    parser.add_argument("--n-contexts", type=int, help="held-out contexts to score on, >= 1 (default: the "
-                        f"problem's, as in the README's tables: {evaluate_defaults('n_contexts')})")
+    parser.add_argument("--n-contexts", type=int, help="held-out contexts to score on, >= 1; the figure shows "
+                        "the first 3 of them, or all if fewer (default: the problem's, as in the README's tables: "
+                        f"{evaluate_defaults('n_contexts')})")
     parser.add_argument("--n-samples", type=int, help="samples per context, >= 2 (default: the problem's: "
                         f"{evaluate_defaults('n_samples')})")
     parser.add_argument("--steps", type=int, help="sampler steps per sample, in [1, the model's --timesteps] "
@@ -121,8 +142,10 @@ def main():
     parser.add_argument("--temperature", type=float, help="scales the initial noise, > 0 (default: 1)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale on the x0 estimate, "
                         "1 = off; needs a model trained with --ctxt-drop-prob > 0 (default: 1)")
-    parser.add_argument("--figure", help="where to save the PNG (default: samples.png beside the checkpoint); "
-                        "problems with cameras also write an orbit GIF per context beside it (samples-N.gif)")
+    parser.add_argument("--figure", help="where to save the figure, an image file such as x.png or x.pdf (.png if no extension) (default: "
+                        "samples.png beside a run's ckpt.pt, out/samples/NAME.png for any other checkpoint file "
+                        "NAME.pt); problems with cameras also write an orbit GIF per context shown beside it "
+                        "(samples-N.gif)")
     parser.add_argument("--compare", metavar="CKPT", help="a second checkpoint of the same problem (e.g. the "
                         "deterministic model) whose prediction the 3D problem's pictures show beside the samples (default: none)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if this machine has a GPU, else cpu)")
@@ -132,7 +155,6 @@ def main():
                         "it gives the intrinsics (square pixels, centred) (default: none; needed with --image)")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.figure = args.figure or os.path.join(os.path.dirname(args.checkpoint), "samples.png")
     try:
         model, cfg = train.load_ema_model(args.checkpoint, args.device)
         check(args, cfg)
@@ -141,10 +163,15 @@ def main():
             context = multiview_data.image_context(args.image, args.fov, model.denoiser.setting.world.size)
         compare = None
         if args.compare:
+            if not cfg.problem.startswith("scenes3d"):
+                raise ValueError(f"--compare is for the 3D problems (scenes3d...), whose pictures show a second "
+                                 f"model; this checkpoint is of {cfg.problem}")
             compare, compare_cfg = train.load_ema_model(args.compare, args.device)
-            if compare_cfg.problem != cfg.problem or not cfg.problem.startswith("scenes3d"):
-                raise ValueError(f"--compare must be a checkpoint of the same 3D problem ({cfg.problem}), "
+            if compare_cfg.problem != cfg.problem:
+                raise ValueError(f"--compare must be a checkpoint of the same problem ({cfg.problem}), "
                                  f"got one of {compare_cfg.problem}")
+        args.figure = figure_path(args.figure, args.checkpoint)
+        os.makedirs(os.path.dirname(args.figure) or ".", exist_ok=True)  # out/samples/, after every check
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -164,15 +191,13 @@ def main():
           f"{args.sampler or 'ddim'} with {steps} steps{extras}:")
     for name, value in scores.items():
         print(f"  {name:>24s}  {value:.4f}")
-    if hasattr(problem, "animate"):  # a problem with cameras: the 3D one draws the comparison model beside
-        extra = {"compare": compare} if compare is not None else {}
-        problem.plot(model, args.figure, seed=args.seed, **extra)
-        for i in range(3):
-            gif = os.path.splitext(args.figure)[0] + f"-{i}.gif"
-            problem.animate(model, gif, seed=args.seed, index=i, **extra)
-            print(f"orbit of context {i}: {gif}")
-    else:
-        problem.plot(model, args.figure, seed=args.seed)
+    shown = min(n_contexts, inspect.signature(problem.plot).parameters["n_contexts"].default)  # the first few
+    extra = {"compare": compare} if compare is not None else {}  # the 3D problem draws the comparison model beside
+    problem.plot(model, args.figure, seed=args.seed, n_contexts=shown, **extra)
+    for i in range(shown if hasattr(problem, "animate") else 0):  # a problem with cameras: an orbit per context
+        gif = os.path.splitext(args.figure)[0] + f"-{i}.gif"
+        problem.animate(model, gif, seed=args.seed, index=i, **extra)
+        print(f"orbit of context {i}: {gif}")
     print(f"figure: {args.figure}")
 
 

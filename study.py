@@ -231,7 +231,8 @@ PLOTS = {"finite": plot_finite, "forward": plot_forward, "contexts": plot_contex
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("study", choices=[*STUDIES, "all"], help="which study to run (all: the four, one after another)")
     parser.add_argument("--small", action="store_true", help="the student setting: fewer levels and SMALL_BUDGET "
                         "(default: the full setting, BUDGET)")

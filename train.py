@@ -7,7 +7,7 @@
 
 Every run writes out/<problem>-<model>/ckpt.pt now and then, atomically (write, then
 rename), so a crash never corrupts the last good checkpoint; Ctrl-C saves one at the
-current step and stops. The random numbers of step k are drawn from a generator seeded by
+current step and stops. A new run never replaces another run's checkpoint (--overwrite). The random numbers of step k are drawn from a generator seeded by
 (seed, k, rank) (toy_problems.stream_seed), so the step counter *is* the RNG state: a
 resumed run draws exactly what the uninterrupted run would have, and no training step ever
 draws from the held-out stream that evaluation uses.
@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 import dfm
 import toy_problems
-from config import MODELS, RESUMABLE, Config, check_device, make_config, option_help, problems_for_help, resolve
+from config import (MODELS, RESUMABLE, Config, check_device, check_memory, make_config, option_help,
+                    problems_for_help, resolve)
 
 CURVE_EVAL = dict(n_contexts=16, n_samples=32, steps=20)  # the quick scores of --eval-every (the learning curve)
 
@@ -91,6 +92,15 @@ def prepare_out_dir(out_dir):
         pass
 
 
+def check_new_run(path, resume=None, overwrite=False):
+    """Nothing a user made is lost: refuse, before anything is written, to write a run's checkpoint over
+    another one (a finished quick start, say), unless it is the checkpoint being resumed or overwrite is set."""
+    if overwrite or not os.path.exists(path) or (resume and os.path.exists(resume) and os.path.samefile(path, resume)):
+        return
+    raise ValueError(f"--out-dir {os.path.dirname(path)} already holds a run's checkpoint: continue that run with "
+                     f"--resume {path} --steps N, start a new run with another --out-dir, or replace it with --overwrite")
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: the old checkpoint survives any crash mid-write."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -102,11 +112,19 @@ def save_checkpoint(path, state):
 def load_checkpoint(path, device="cpu"):
     """Returns (checkpoint dict, Config); a one-line ValueError for anything that is not a dfm checkpoint."""
     check_device(device)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "ckpt.pt")
+        raise ValueError(f"{path!r} is a folder; pass the checkpoint file" +
+                         (f" in it: {inside}" if os.path.isfile(inside) else " (train.py writes <out-dir>/ckpt.pt)"))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}: train one first with `python train.py`")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        raise ValueError(f"{path!r} is not a dfm checkpoint: not a file written by torch.save "
-                         "(train.py writes ckpt.pt)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose index is at its end
+        with open(path, "rb") as f:
+            begins_like_one = f.read(4) == b"PK\x03\x04"
+        raise ValueError(f"{path!r} is not a dfm checkpoint: " +
+                         ("damaged or truncated (it begins like a file written by torch.save, but its end is "
+                          "missing: was it copied completely?)" if begins_like_one else
+                          "not a file written by torch.save (train.py writes ckpt.pt)"))
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # not its message: it suggests weights_only=False, which is unsafe and not the fix
@@ -144,30 +162,36 @@ def check_resume(cfg, saved, step):
         raise ValueError(f"the checkpoint is at step {step}, past --steps {cfg.steps}; pass --steps > {step}")
 
 
-def train(cfg, resume=None, progress=True):
+def train(cfg, resume=None, progress=True, overwrite=False):
     """Train as configured; returns (EMA model, seconds per step over the whole run, resumed parts included).
 
-    Works alone or under torchrun. Resuming a finished run just loads it. The first Ctrl-C (SIGINT)
+    Works alone or under torchrun. Resuming a finished run just loads it. A new run refuses to replace
+    the checkpoint of another in cfg.out_dir unless overwrite is set. The first Ctrl-C (SIGINT)
     saves a checkpoint at the current step and raises KeyboardInterrupt("interrupted at step N; ...").
     """
     distributed = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cfg.validate(world)  # before init_process_group, so that a bad option stops every process alike
-    prepare_out_dir(cfg.out_dir)
+    # Every check before anything is written, and before init_process_group, so that a bad option stops
+    # every process alike and leaves nothing behind.
+    cfg.validate(world)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if resume:
         ckpt, saved = load_checkpoint(resume)
         check_resume(cfg, saved, ckpt["step"])
+    check_new_run(path, resume, overwrite)
+    check_memory(cfg, world)
+    problem = load_problem(cfg)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    model = build_model(cfg)  # a model the problem does not have (scenes3d's oracle) is refused here
+    prepare_out_dir(cfg.out_dir)
     if distributed:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
         if cfg.device == "cuda":
             cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    problem = load_problem(cfg)
     views = (problem.sample_views(cfg.signals, cfg.views, toy_problems.dataset_generator(cfg.seed))
              if cfg.signals else None)  # the fixed data set, the same on every process and on resume
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    model = build_model(cfg).to(device)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, train_seconds, saved_step = 0, 0.0, None
@@ -246,6 +270,7 @@ def train(cfg, resume=None, progress=True):
                     curve.append({"step": step, **scores})
                     tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
                 eval_seconds += time.perf_counter() - eval_start
+                bar.unpause()  # the evaluation's time is not training time: keep it out of the bar's ETA
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 checkpoint()
     finally:
@@ -262,7 +287,7 @@ def train(cfg, resume=None, progress=True):
 def main():
     problem_defaults = {name: problem.TRAIN_DEFAULTS for name, problem in problems_for_help().items()}
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         epilog="Options left out take the problem's defaults, or on --resume the checkpoint's. On --resume only "
                f"{', '.join('--' + f.replace('_', '-') for f in RESUMABLE)} may change.")
     for field in dataclasses.fields(Config):  # default None: only the options given override anything
@@ -271,6 +296,8 @@ def main():
                             help=option_help(field, problem_defaults))
     parser.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint exactly, writing "
                         "beside it (or into --out-dir); with --steps > its step to train longer (default: a new run)")
+    parser.add_argument("--overwrite", action="store_true", help="let a new run replace the checkpoint already "
+                        "in its --out-dir (default: refuse, so that no finished run is lost)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: show one)")
     args = parser.parse_args()
     given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
@@ -286,7 +313,8 @@ def main():
                                  "to train longer")
         else:
             cfg = make_config(**given)
-        _, seconds_per_step = train(cfg, resume=args.resume, progress=not args.no_progress)
+        _, seconds_per_step = train(cfg, resume=args.resume, progress=not args.no_progress,
+                                    overwrite=args.overwrite)
     except KeyboardInterrupt as e:
         if say:
             print(str(e) or "interrupted", file=sys.stderr)

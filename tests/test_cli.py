@@ -28,21 +28,6 @@ def run(*args, timeout=600):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """cli(module, *args): module.main() with these command-line arguments -> (exit status, stdout, stderr)."""
-    def call(module, *args):
-        monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *map(str, args)])
-        try:
-            module.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-    return call
-
-
 @pytest.fixture(scope="module")
 def gp1d_ckpt(tmp_path_factory):
     """A 2-step gp1d checkpoint (at step 2 of 2), shared by the tests that only read it."""
@@ -247,6 +232,7 @@ def test_files_that_are_not_checkpoints_get_one_line_and_no_unsafe_advice(cli, t
                         "--ctxt-drop-prob > 0"),
     (["--seed", -1], "--seed must be in [0, 2^30)"),
     (["--figure", "no/such/folder/x.png"], "--figure 'no/such/folder/x.png': the folder 'no/such/folder' does not"),
+    (["--figure", "x.txt"], "--figure 'x.txt' must end in an image format matplotlib writes: "),
 ])
 def test_a_bad_sampling_option_is_refused_before_any_sampling(cli, monkeypatch, gp1d_ckpt, args, message):
     from toy_problems import gp1d

@@ -109,4 +109,7 @@ def test_evaluate_and_plot_run_on_an_untrained_model(kind, tmp_path):
 
 
 def test_motion_and_gan_notebook_runs_top_to_bottom(run_notebook):
-    run_notebook("motion_and_gan.ipynb")
+    notebook = run_notebook("motion_and_gan.ipynb")
+    bars = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []) if o.get("name") == "stderr")
+    assert all(f"{problem}/{kind}: 100%" in bars for problem in ("motion", "gan_inversion")  # training shows progress
+               for kind in ("dfm", "deterministic", "oracle")), bars[-2000:]

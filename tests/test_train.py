@@ -157,3 +157,34 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     cfg = config.make_config("flatland", steps=2, batch_size=2, precision="bf16", eval_every=0, out_dir=str(tmp_path))
     model, _ = train.train(cfg, progress=False)
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_progress_bar_times_training_steps_not_the_evaluation(tmp_path, monkeypatch):
+    """On a fake clock, steps take 1 s and the in-training evaluation 1000 s (flatland's takes about 19 s
+    at step 1000): the bar's rate, from which it computes its ETA, stays at one step per second."""
+    import tqdm.std
+    from toy_problems import gp1d
+    clock = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])  # the clock tqdm reads
+    real_batch, bars = train.training_batch, []
+
+    def one_second_step(*args, **kwargs):
+        clock[0] += 1.0
+        return real_batch(*args, **kwargs)
+
+    def slow_evaluation(model, **kwargs):
+        clock[0] += 1000.0
+        return {"window": 0.0}
+
+    class Bar(train.tqdm):
+        def close(self):  # what the bar last showed: steps done, and its smoothed steps per second
+            bars.append((self.n, self.format_dict["rate"]))
+            super().close()
+
+    monkeypatch.setattr(train, "training_batch", one_second_step)
+    monkeypatch.setattr(gp1d, "evaluate", slow_evaluation)
+    monkeypatch.setattr(train, "tqdm", Bar)
+    cfg = config.make_config("gp1d", steps=8, batch_size=2, eval_every=4, out_dir=str(tmp_path))
+    train.train(cfg, progress=True)
+    steps, rate = bars[0]  # when train() closed it
+    assert steps == 8 and rate == pytest.approx(1.0, rel=0.05)
