@@ -5,12 +5,15 @@ dfm_from_scratch.py (beside this file) in place of its exercise cells.
     python notebooks/solutions/solve.py out/lesson-solved.ipynb --execute   # run it top to bottom, timed
 
 --execute runs it in full mode (DFM_FAST=1 in the environment: the tests' fast mode), one cell
-after another with a progress bar, prints how long it took, and writes the notebook with its
-outputs. tests/test_lesson.py runs the same solutions.
+after another with a progress bar, and writes the notebook with its outputs. It prints how long
+that took and how much CPU time the kernel used: on a machine shared with other jobs the wall
+time says little, and with one thread (OMP_NUM_THREADS=1) the CPU time is about what the run
+takes on a quiet one. tests/test_lesson.py runs the same solutions.
 """
 import argparse
 import os
 import re
+import resource
 import sys
 import time
 
@@ -63,9 +66,11 @@ def main():
             code = [(index, cell) for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
             for index, cell in tqdm(code, desc="cells", unit="cell"):
                 client.execute_cell(cell, index)
+        wall = time.perf_counter() - started
+        kernel = resource.getrusage(resource.RUSAGE_CHILDREN)  # the kernel, shut down and waited for by now
         mode = "fast" if os.environ.get("DFM_FAST") == "1" else "full"
-        print(f"ran top to bottom in {time.perf_counter() - started:.0f} s ({mode} mode, "
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+        print(f"ran top to bottom in {wall:.0f} s, the kernel using {kernel.ru_utime + kernel.ru_stime:.0f} s of CPU time "
+              f"({mode} mode, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     nbformat.write(notebook, args.out)
     print(f"wrote {args.out}")
 
