@@ -66,7 +66,7 @@ def test_a_cpu_step_too_big_for_the_machine_is_refused_before_anything(cli, caps
                                 n_importance=4, patch=6, cond_size=8)
     monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d-64", small)  # the GPU setting's name; a network quick to count
     count = scenes3d_eval.memory_per_sample("scenes3d-64")
-    monkeypatch.setattr(config, "available_memory", lambda: 2 * (count["weights"] + 4 * count["activations"]))
+    monkeypatch.setattr(config, "available_memory", lambda: 2 * (count["weights"] + 4.5 * count["activations"]))
     code, _, err = cli(train, "--problem", "scenes3d-64", "--device", "cpu", "--out-dir", tmp_path / "run",
                        "--no-progress")  # its default batch, 32, does not fit
     assert code == 2 and err.count("\n") == 1, err

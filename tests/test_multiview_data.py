@@ -170,7 +170,11 @@ def test_sample_py_samples_scenes_from_ones_own_image_and_scores_a_data_checkpoi
     import metrics
     import sample
     from PIL import Image
+    import dataclasses
+    from toy_problems import scenes3d
     monkeypatch.setattr(metrics, "load_lpips", lambda: (None, "LPIPS unavailable: not fetched in tests"))
+    monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", dataclasses.replace(  # tiny networks: quick on a CPU
+        scenes3d.SETTINGS["scenes3d"], ch=8, feat=8, width=16, out_feat=4, n_samples=4, n_importance=4, patch=6, cond_size=8))
     path, _ = co3d_set
     for name, extra in (("data", dict(data=path, format="co3d", workers=0)), ("toy", {})):
         cfg = config.make_config("scenes3d", steps=1, batch_size=2, out_dir=str(tmp_path / name), **extra)
