@@ -142,10 +142,10 @@ def main():
     parser.add_argument("--temperature", type=float, help="scales the initial noise, > 0 (default: 1)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale on the x0 estimate, "
                         "1 = off; needs a model trained with --ctxt-drop-prob > 0 (default: 1)")
-    parser.add_argument("--figure", help="where to save the figure, an image file such as x.png or x.pdf (.png if no extension) (default: "
-                        "samples.png beside a run's ckpt.pt, out/samples/NAME.png for any other checkpoint file "
-                        "NAME.pt); problems with cameras also write an orbit GIF per context shown beside it "
-                        "(samples-N.gif)")
+    parser.add_argument("--figure", help="where to save the figure, an image file such as x.png or x.pdf (.png "
+                        "if it has no extension); problems with cameras also write an orbit GIF per context shown "
+                        "beside it (x-N.gif) (default: samples.png beside a run's ckpt.pt, out/samples/NAME.png "
+                        "for any other checkpoint file NAME.pt)")
     parser.add_argument("--compare", metavar="CKPT", help="a second checkpoint of the same problem (e.g. the "
                         "deterministic model) whose prediction the 3D problem's pictures show beside the samples (default: none)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if this machine has a GPU, else cpu)")

@@ -7,7 +7,8 @@
 
 Every run writes out/<problem>-<model>/ckpt.pt now and then, atomically (write, then
 rename), so a crash never corrupts the last good checkpoint; Ctrl-C saves one at the
-current step and stops. A new run never replaces another run's checkpoint (--overwrite). The random numbers of step k are drawn from a generator seeded by
+current step and stops; a new run never replaces another run's checkpoint unless told to
+(--overwrite). The random numbers of step k are drawn from a generator seeded by
 (seed, k, rank) (toy_problems.stream_seed), so the step counter *is* the RNG state: a
 resumed run draws exactly what the uninterrupted run would have, and no training step ever
 draws from the held-out stream that evaluation uses.
