@@ -179,7 +179,9 @@ def test_the_three_problem_names_share_one_module():
 
 
 def test_scenes3d_notebook_runs_top_to_bottom(run_notebook):
-    run_notebook("scenes3d.ipynb")
+    notebook = run_notebook("scenes3d.ipynb")
+    bars = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []) if o.get("name") == "stderr")
+    assert "sampling" in bars  # its long cells, which sample, show progress
 
 
 def test_sample_py_writes_a_grid_and_an_orbit_per_context_with_the_comparison_model(tmp_path, monkeypatch):
