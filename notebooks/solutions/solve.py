@@ -52,8 +52,10 @@ def main():
         parser.error(f"out must be a notebook file ending in .ipynb, got {args.out!r}")
     if os.path.exists(args.out):
         parser.error(f"{args.out!r} exists; give a new path (nothing is overwritten)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"the folder of {args.out!r} does not exist")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    except OSError as e:
+        parser.error(f"cannot make the folder of {args.out!r} ({e.strerror})")
     import nbformat
     notebook = solved_lesson()
     if args.execute:
