@@ -17,7 +17,8 @@ Answers to the questions of exercise 4 (a forward model one point off):
    point off: a small error. Whole-signal sampling adds every sampled window to the context,
    where it is again copied in at its true place, beside a prediction that is one point off;
    each next window is conditioned on those mismatched seams, so the errors add up over the
-   four windows that cover the signal.
+   four windows that cover the signal. The figure shows it: the samples jump where one
+   window ends and the next begins (every 8 points).
 3. Study 2 tells the same story: in the README's table a one-point shift costs the directly
    sampled window a little and the whole signal a lot, to worse than the deterministic
    model's. Errors compound when samples feed the next sample.

@@ -43,7 +43,8 @@ def solved_lesson():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", help="where to write the solved notebook (a new .ipynb file; an existing one is never replaced)")
+    parser.add_argument("out", help="where to write the solved notebook: a new .ipynb file (an existing one is "
+                                    "never replaced; its folder is made if needed)")
     parser.add_argument("--execute", action="store_true",
                         help="run it top to bottom first (full mode unless DFM_FAST=1) and print the time it took "
                              "(default: write it without outputs)")
@@ -52,8 +53,10 @@ def main():
         parser.error(f"out must be a notebook file ending in .ipynb, got {args.out!r}")
     if os.path.exists(args.out):
         parser.error(f"{args.out!r} exists; give a new path (nothing is overwritten)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"the folder of {args.out!r} does not exist")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    except OSError as e:
+        parser.error(f"cannot make the folder of {args.out!r} ({e.strerror})")
     import nbformat
     notebook = solved_lesson()
     if args.execute:
@@ -69,7 +72,8 @@ def main():
         wall = time.perf_counter() - started
         kernel = resource.getrusage(resource.RUSAGE_CHILDREN)  # the kernel, shut down and waited for by now
         mode = "fast" if os.environ.get("DFM_FAST") == "1" else "full"
-        print(f"ran top to bottom in {wall:.0f} s, the kernel using {kernel.ru_utime + kernel.ru_stime:.0f} s of CPU time "
+        cpu = kernel.ru_utime + kernel.ru_stime
+        print(f"ran top to bottom in {wall:.0f} s, the kernel using {cpu:.0f} s of CPU time "
               f"({mode} mode, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     nbformat.write(notebook, args.out)
     print(f"wrote {args.out}")
