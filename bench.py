@@ -4,6 +4,7 @@
     python bench.py --problem gp1d flatland     # some problems, one seed, figures in out/bench/figures
     python bench.py --table assets/results/gp1d.json   # print the README table of a results file
     python bench.py --readme                    # rewrite README.md's result tables from assets/results
+    python bench.py --speed --results assets/results   # the README's Speed table (run it on a quiet machine)
 
 For each problem, seed and model (dfm, deterministic, oracle) it trains with the problem's
 default budget (or finishes, or just loads, the run already in --out), scoring the EMA
@@ -22,7 +23,9 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
@@ -128,6 +131,75 @@ def bench(name, args):
 
 
 # -----------------------------------------------------------------------------
+# Speed: the README's training command, timed in fresh processes
+
+SPEED_SETTINGS = [  # (label, environment): OpenMP's wait policy must be set before torch loads, hence processes
+    ("2 threads, passive (default)", {}),
+    ("2 threads, OMP_WAIT_POLICY=ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"}),
+    ("1 thread", {"OMP_NUM_THREADS": "1"}),
+]
+
+
+def train_ms_per_step(name, steps, environment):
+    """ms per DFM training step at the problem's default batch, from `python train.py` in a fresh process."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        command = [sys.executable, "train.py", "--problem", name, "--steps", str(steps), "--eval-every", "0",
+                   "--out-dir", os.path.join(out_dir, "run"), "--no-progress"]
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+        done = subprocess.run(command, env={**env, **environment}, capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+    found = re.search(r"done: \d+ steps, ([\d.]+) ms/step", done.stdout)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+    return float(found.group(1))
+
+
+def measure_speed(args):
+    """Every toy's training speed under each of SPEED_SETTINGS, --seeds repetitions taken in rotation (so a
+    change in the machine's load touches every setting alike), with the load average before and after."""
+    steps = args.steps or 100
+    load_before = list(os.getloadavg())
+    times = {name: {label: [] for label, _ in SPEED_SETTINGS} for name in ALL}
+    for _ in range(args.seeds):
+        for name in ALL:
+            for label, environment in SPEED_SETTINGS:
+                times[name][label].append(train_ms_per_step(name, steps, environment))
+                print(f"{name}, {label}: {times[name][label][-1]:.1f} ms/step", flush=True)
+    defaults = {name: config.make_config(name) for name in ALL}
+    results = dict(problem="speed", command="python bench.py " + " ".join(sys.argv[1:]), steps=steps,
+                   repetitions=args.seeds, machine=dict(cpu=platform.machine(), cpus=os.cpu_count(),
+                                                        torch=torch.__version__, python=platform.python_version()),
+                   load_average_before=load_before, load_average_after=list(os.getloadavg()),
+                   defaults={name: dict(steps=c.steps, batch_size=c.batch_size) for name, c in defaults.items()},
+                   ms_per_step=times)
+    os.makedirs(args.results, exist_ok=True)
+    path = os.path.join(args.results, "speed.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"\n{speed_table(results)}\n(results: {path})")
+
+
+def speed_table(results):
+    """The README's Speed table: the median (and range) of each setting's repetitions, and the default budget's
+    training time at the default setting."""
+    m, labels = results["machine"], [label for label, _ in SPEED_SETTINGS]
+    before, after = (", ".join(f"{x:.2f}" for x in results[k]) for k in ("load_average_before", "load_average_after"))
+    lines = [f"ms per DFM training step, median (min-max) of {results['repetitions']} runs of {results['steps']} "
+             f"steps each; {m['cpu']}, {m['cpus']} cpus, torch {m['torch']}; load average (1, 5, 15 min) "
+             f"{before} before, {after} after", "",
+             "| problem | " + " | ".join(labels) + " | default steps x batch | default training time |",
+             "|---" * (len(labels) + 3) + "|"]
+    for name, by_label in results["ms_per_step"].items():
+        d = results["defaults"][name]
+        cells = [f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" for v in by_label.values()]
+        minutes = statistics.median(by_label[labels[0]]) * d["steps"] / 60000
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {d['steps']} x {d['batch_size']} | "
+                     f"{minutes:.1f} min |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # Results files -> README tables and learning-curve figures
 
 
@@ -164,7 +236,9 @@ def readme_with_tables(text, results_dir):
     replaced by the table of results_dir/NAME.json."""
     def table(match):
         with open(os.path.join(results_dir, f"{match.group(2)}.json")) as f:
-            return match.group(1) + results_table(json.load(f)) + "\n" + match.group(4)
+            results = json.load(f)
+        made = speed_table(results) if match.group(2) == "speed" else results_table(results)
+        return match.group(1) + made + "\n" + match.group(4)
     return BLOCK.sub(table, text)
 
 
@@ -231,6 +305,9 @@ def main():
     parser.add_argument("--readme", nargs="?", const="README.md", metavar="PATH", help="only rewrite the result "
                         "tables of this README (default when given: README.md) from --results "
                         "(here: default assets/results)")
+    parser.add_argument("--speed", action="store_true", help="only time 100 training steps (or --steps) of every "
+                        "toy's DFM under each thread setting, --seeds times, and write <--results>/speed.json, "
+                        "the README's Speed table; run it on a quiet machine (default: benchmark)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (default: show them)")
     args = parser.parse_args()
     if args.table:
@@ -245,6 +322,9 @@ def main():
         return
     args.figures = args.figures or os.path.join(args.out, "figures")
     args.results = args.results or os.path.join(args.out, "results")
+    if args.speed:
+        measure_speed(args)
+        return
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), device {device}")

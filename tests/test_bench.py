@@ -73,3 +73,23 @@ def test_a_readme_block_is_rewritten_from_its_results_file(tmp_path):
     assert "| floor (exact vs exact) | 0.1250 | - |" in new
     assert "| dfm / deterministic | 2.00 ± 0.50 |" in new
     assert bench.readme_with_tables(new, str(tmp_path)) == new
+
+
+def test_speed_times_the_readmes_training_command_and_tabulates_medians(monkeypatch, capsys, tmp_path):
+    """--speed runs train.py in fresh processes (the wait policy is read when torch loads) and the table shows
+    each setting's median and range, the load averages, and the default budget's time."""
+    assert bench.train_ms_per_step("gan_inversion", 2, {"OMP_NUM_THREADS": "1"}) > 0  # a real run, parsed
+    fake = iter(range(1, 100))
+    monkeypatch.setattr(bench, "train_ms_per_step", lambda name, steps, environment: float(next(fake)))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--speed", "--seeds", "3", "--results", str(tmp_path)])
+    bench.main()
+    with open(tmp_path / "speed.json") as f:
+        results = json.load(f)
+    n = len(bench.SPEED_SETTINGS)
+    first = results["ms_per_step"][bench.ALL[0]]  # repetitions in rotation: 1, then 1 + 4n, then 1 + 8n
+    assert first[bench.SPEED_SETTINGS[0][0]] == [1.0, 1.0 + len(bench.ALL) * n, 1.0 + 2 * len(bench.ALL) * n]
+    steps = toy_problems.load(bench.ALL[0]).TRAIN_DEFAULTS["steps"]
+    median = 1.0 + len(bench.ALL) * n
+    assert f"| {bench.ALL[0]} | {median:.1f} (1.0-{1.0 + 2 * len(bench.ALL) * n:.1f}) |" in bench.speed_table(results)
+    assert f"{median * steps / 60000:.1f} min |" in bench.speed_table(results).splitlines()[4]
+    assert "load average (1, 5, 15 min)" in capsys.readouterr().out
