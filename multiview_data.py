@@ -32,6 +32,7 @@ from tqdm import tqdm
 import dfm
 import metrics
 import toy_problems
+from toy_problems import scenes3d, scenes3d_eval
 from multiview import READERS, bad, check_files, load_frames, read_co3d, read_co3d_annotations, read_cameras
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "multiview")  # decoded, resized images
@@ -204,7 +205,6 @@ class SceneSet:
     def sample_batch(self, batch_size, generator, device="cpu"):
         """Batches as scenes3d.sample_batch gives them (context, target and novel view of one sequence each,
         random patches of the target and novel view), plus sequence (B,) and frames (B, 3) to find them again."""
-        from toy_problems import scenes3d
         which = torch.randint(len(self.sequences), (batch_size,), generator=generator)  # (B,)
         frames = torch.tensor([self.pick_frames(len(self.sequences[i]["files"]), generator,
                                                 self.sequences[i].get("context")) for i in which.tolist()])  # (B, 3)
@@ -261,7 +261,6 @@ class StepBatches(torch.utils.data.Dataset):
 def setting_for(name, format):
     """scenes3d's setting `name` (its image size and networks) for a format's scenes: rays between the format's
     near and far, depths encoded relative to its typical depth (the setting's world.cam_dist)."""
-    from toy_problems import scenes3d
     base, fmt = scenes3d.SETTINGS[name], FORMATS[format]
     return replace(base, world=replace(base.world, cam_dist=fmt.depth), bounds=(fmt.near, fmt.far))
 
@@ -271,7 +270,6 @@ def problem(name, data, format, frame_window=0, workers=0, progress=True):
 
     The data set is indexed (and its images cached) when a batch is first asked for, so that building a
     model, e.g. to sample from a checkpoint, reads nothing."""
-    from toy_problems import scenes3d
     setting = setting_for(name, format)
 
     opened = []
@@ -318,7 +316,6 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=
     """Scores that need no exact posterior, averaged over samples: PSNR, SSIM and LPIPS (nan when its weights
     are unavailable) of the sampled scenes rendered at the context camera (against the context image) and at
     the target camera, a nearby frame (against that frame: pixel scores, which the conditional mean wins)."""
-    from toy_problems import scenes3d
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
     signal = sample_fields(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps,
@@ -337,10 +334,6 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=
     return scores
 
 
-def to_image(obs):
-    return ((obs.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
-
-
 @torch.no_grad()
 def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None, held_out_batch=None):
     """For each held-out example: the context, the true target frame, and sampled scenes (and, if given, the
@@ -348,7 +341,6 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from toy_problems import scenes3d
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
     columns = [("context", batch["ctxt_obs"][:, 0]), ("target frame", batch["trgt_obs"])]
@@ -359,7 +351,7 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None,
     fig, axes = plt.subplots(n_contexts, len(columns), figsize=(1.2 * len(columns), 1.3 * n_contexts), squeeze=False)
     for j, (name, images) in enumerate(columns):
         for i in range(n_contexts):
-            axes[i, j].imshow(to_image(images[i]))
+            axes[i, j].imshow(scenes3d_eval.to_image(images[i]))
             axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
         axes[0, j].set_title(name, fontsize=7)
     fig.suptitle("posed images: sampled scenes seen from the target frame's camera", fontsize=8)
@@ -386,37 +378,12 @@ def orbit_gif(model, batch, path, orbit, n_samples=3, steps=50, seed=0):
     """A GIF of n_samples scenes sampled from the one context of batch (ctxt_obs (1, 1, 3, H, W), ctxt_params,
     and trgt_params, the camera the samples aim at), seen along `orbit` (c2w (F, 4, 4), K (F, 3, 3)),
     beside the context image."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
-    from toy_problems import scenes3d
-    device, n_frames = batch["ctxt_obs"].device, len(orbit["c2w"])
+    device = batch["ctxt_obs"].device
     orbit = dfm.map_batch(lambda v: v.to(device), orbit)
     batch = {**batch, "trgt_obs": batch["ctxt_obs"][:, 0]}  # only its shape is used
     signal = sample_fields(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
-    panels = []
-    for i in range(n_samples):
-        one = {**signal, "views": {k: v[i:i + 1].expand(n_frames, *v.shape[1:]) for k, v in signal["views"].items()}}
-        panels.append((f"{model.kind} {i + 1}", scenes3d.forward(one, orbit)))  # (F, 3, H, W)
-    fig, axes = plt.subplots(1, n_samples + 1, figsize=(1.6 * (n_samples + 1), 1.9), squeeze=False)
-    axes[0, 0].imshow(to_image(batch["ctxt_obs"][0, 0]))
-    axes[0, 0].set_title("context", fontsize=7)
-    images = []
-    for ax, (name, frames) in zip(axes[0, 1:], panels):
-        images.append(ax.imshow(to_image(frames[0])))
-        ax.set_title(name, fontsize=7)
-    for ax in axes[0]:
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.tight_layout()
-
-    def frame(f):
-        for image, (_, frames) in zip(images, panels):
-            image.set_data(to_image(frames[f]))
-        return images
-
-    FuncAnimation(fig, frame, frames=n_frames, blit=True).save(path, writer=PillowWriter(fps=8))
-    plt.close(fig)
+    panels = [(f"{model.kind} {i + 1}", scenes3d_eval.orbit_frames(signal, i, orbit)) for i in range(n_samples)]
+    scenes3d_eval.save_gif(panels, path, still=("context", batch["ctxt_obs"][0, 0]))
 
 
 def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, compare=None, held_out_batch=None):

@@ -246,3 +246,17 @@ def test_gpu_check_runs_tiny_on_the_cpu(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "1. memory per example" in out and "counted" in out and "2. speed:" in out
     assert "3. one DDP step under torchrun --nproc_per_node=1 (gloo): ok" in out
+
+
+def test_save_gif_plays_the_panels_in_step_beside_a_still(tmp_path):
+    """One frame per frame of the panels; the still (a context image) is the same in every frame, the panels move."""
+    from PIL import Image, ImageSequence
+    frames = torch.linspace(-1, 1, 3)[:, None, None, None].expand(3, 3, 8, 8)  # (F, 3, H, W) dark to bright
+    scenes3d_eval.save_gif([("moving", frames)], tmp_path / "a.gif", still=("still", torch.zeros(3, 8, 8)))
+    gif = [torch.tensor(list(f.convert("L").getdata()), dtype=torch.float32).view(f.size[1], f.size[0])
+           for f in ImageSequence.Iterator(Image.open(tmp_path / "a.gif"))]
+    assert len(gif) == 3
+    W = gif[0].shape[1]
+    left, right = [g[:, : W // 2] for g in gif], [g[:, W // 2:] for g in gif]
+    assert all(torch.equal(left[0], x) for x in left[1:])  # the still
+    assert right[0].mean() < right[1].mean() < right[2].mean()  # the panel brightens

@@ -206,7 +206,6 @@ def plot_histograms(histogram, palette, path):
 def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, compare=None):
     """A GIF of a camera orbiting sampled scenes of held-out context `index` (the contexts of plot()),
     with the true scene and, if given, a comparison model's prediction."""
-    from matplotlib.animation import FuncAnimation, PillowWriter
     setting = model.denoiser.setting
     device = next(model.parameters()).device
     w = setting.world
@@ -217,14 +216,28 @@ def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, co
                                                 orbit, w))]
     for m, n in [(model, n_samples)] + ([(compare, 1)] if compare is not None else []):
         signal = sample_scenes(m, batch, n, torch.Generator(device=device).manual_seed(seed), steps)
-        for i in range(n):
-            one = {**signal, "views": {k: v[i:i + 1].expand(n_frames, *v.shape[1:]) for k, v in signal["views"].items()}}
-            panels.append((f"{m.kind} {i + 1}" if n > 1 else m.kind, scenes3d.forward(one, orbit)))  # (F, 3, H, W)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels), 1.9), squeeze=False)
+        panels += [(f"{m.kind} {i + 1}" if n > 1 else m.kind, orbit_frames(signal, i, orbit)) for i in range(n)]
+    save_gif(panels, path)
+
+
+def orbit_frames(signal, i, orbit):
+    """Sample i of a sampled signal (views (N, ...)) seen from every camera of orbit: (F, 3, H, W)."""
+    n_frames = len(orbit["c2w"])
+    one = {**signal, "views": {k: v[i:i + 1].expand(n_frames, *v.shape[1:]) for k, v in signal["views"].items()}}
+    return scenes3d.forward(one, orbit)
+
+
+def save_gif(panels, path, still=None):
+    """A GIF of panels side by side, each a (title, frames (F, 3, H, W)) played in step, after an optional
+    still (title, image (3, H, W)) that stays put (a context image)."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    shown = ([still] if still is not None else []) + [(name, frames[0]) for name, frames in panels]
+    fig, axes = plt.subplots(1, len(shown), figsize=(1.6 * len(shown), 1.9), squeeze=False)
     images = []
-    for ax, (name, frames) in zip(axes[0], panels):
-        images.append(ax.imshow(to_image(frames[0])))
+    for ax, (name, image) in zip(axes[0], shown):
+        images.append(ax.imshow(to_image(image)))
         ax.set_title(name, fontsize=7), ax.set_xticks([]), ax.set_yticks([])
+    images = images[len(shown) - len(panels):]  # the still is not animated
     fig.tight_layout()
 
     def frame(f):
@@ -232,7 +245,7 @@ def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, co
             image.set_data(to_image(frames[f]))
         return images
 
-    FuncAnimation(fig, frame, frames=n_frames, blit=True).save(path, writer=PillowWriter(fps=8))
+    FuncAnimation(fig, frame, frames=len(panels[0][1]), blit=True).save(path, writer=PillowWriter(fps=8))
     plt.close(fig)
 
 
