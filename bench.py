@@ -229,17 +229,25 @@ def results_table(results):
 
 
 BLOCK = re.compile(r"(<!-- results (\w+)[^>]*-->\n)(.*?)(<!-- /results -->)", re.S)
+STUDY_BLOCK = re.compile(r"(<!-- study (\w+)[^>]*-->\n)(.*?)(<!-- /study -->)", re.S)
 
 
-def readme_with_tables(text, results_dir):
+def readme_with_tables(text, results_dir, studies_dir=os.path.join("assets", "studies")):
     """The README's text with every block between `<!-- results NAME ... -->` and `<!-- /results -->`
-    replaced by the table of results_dir/NAME.json."""
+    replaced by the table of results_dir/NAME.json, and every block between `<!-- study NAME ... -->` and
+    `<!-- /study -->` by the tables of study.py's studies_dir/NAME.json."""
     def table(match):
         with open(os.path.join(results_dir, f"{match.group(2)}.json")) as f:
             results = json.load(f)
         made = speed_table(results) if match.group(2) == "speed" else results_table(results)
         return match.group(1) + made + "\n" + match.group(4)
-    return BLOCK.sub(table, text)
+
+    def study_table(match):
+        import study
+        with open(os.path.join(studies_dir, f"{match.group(2)}.json")) as f:
+            rows = json.load(f)["rows"]
+        return match.group(1) + study.table(rows, study.STUDIES[match.group(2)][1]).strip() + "\n" + match.group(4)
+    return STUDY_BLOCK.sub(study_table, BLOCK.sub(table, text))
 
 
 def plot_curves(results, path):

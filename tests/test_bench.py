@@ -54,7 +54,21 @@ def test_the_readmes_result_tables_are_their_results_files():
     results_dir = os.path.join(ROOT, "assets", "results")
     names = sorted(f[:-len(".json")] for f in os.listdir(results_dir)) if os.path.isdir(results_dir) else []
     assert sorted(match.group(2) for match in bench.BLOCK.finditer(text)) == names
-    assert bench.readme_with_tables(text, results_dir) == text, "run: python bench.py --readme"
+    studies_dir = os.path.join(ROOT, "assets", "studies")
+    studies = sorted(f[:-len(".json")] for f in os.listdir(studies_dir) if f.endswith(".json"))
+    assert sorted(match.group(2) for match in bench.STUDY_BLOCK.finditer(text)) == studies
+    assert bench.readme_with_tables(text, results_dir, studies_dir) == text, "run: python bench.py --readme"
+
+
+def test_a_hand_edited_study_table_is_caught_and_rewritten():
+    """One digit changed in a study's table of the README makes it differ from its file; --readme restores it."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = next(bench.STUDY_BLOCK.finditer(text))
+    row = next(line for line in block.group(3).splitlines() if line.startswith("| ") and line[2].isdigit())
+    edited = text.replace(row, row.replace("| ", "| 9", 1), 1)
+    results_dir, studies_dir = os.path.join(ROOT, "assets", "results"), os.path.join(ROOT, "assets", "studies")
+    assert edited != text and bench.readme_with_tables(edited, results_dir, studies_dir) == text
 
 
 def test_a_readme_block_is_rewritten_from_its_results_file(tmp_path):
