@@ -250,10 +250,11 @@ def test_gpu_check_runs_tiny_on_the_cpu(monkeypatch, capsys):
 
 def test_save_gif_plays_the_panels_in_step_beside_a_still(tmp_path):
     """One frame per frame of the panels; the still (a context image) is the same in every frame, the panels move."""
+    import numpy as np
     from PIL import Image, ImageSequence
     frames = torch.linspace(-1, 1, 3)[:, None, None, None].expand(3, 3, 8, 8)  # (F, 3, H, W) dark to bright
     scenes3d_eval.save_gif([("moving", frames)], tmp_path / "a.gif", still=("still", torch.zeros(3, 8, 8)))
-    gif = [torch.tensor(list(f.convert("L").getdata()), dtype=torch.float32).view(f.size[1], f.size[0])
+    gif = [torch.tensor(np.asarray(f.convert("L")), dtype=torch.float32)  # (H, W) grey levels of each frame
            for f in ImageSequence.Iterator(Image.open(tmp_path / "a.gif"))]
     assert len(gif) == 3
     W = gif[0].shape[1]
