@@ -78,6 +78,21 @@ def run_one(problem, name, kind, seed, args):
     return dict(seed=seed, scores=scores, curve=curve, load_average=list(os.getloadavg())), cfg
 
 
+def write_json(results, path):
+    """Write results to path atomically (write, then rename): a killed run leaves the last results whole."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def machine():
+    """What made a results file: CPU, cores, threads, device, torch and Python versions."""
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return dict(cpu=platform.machine(), cpus=os.cpu_count(), threads=torch.get_num_threads(), device=device,
+                torch=torch.__version__, python=platform.python_version())
+
+
 def mean_sd(values):
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None}
 
@@ -109,11 +124,9 @@ def bench(name, args):
             run, cfg = run_one(problem, name, kind, seed, args)
             runs[kind].append(run)
     columns, summary, ratios = summarise(runs)
-    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = dict(
         problem=name, command="python bench.py " + " ".join(sys.argv[1:]), minutes=(time.perf_counter() - start) / 60,
-        machine=dict(cpu=platform.machine(), cpus=os.cpu_count(), threads=torch.get_num_threads(), device=device,
-                     torch=torch.__version__, python=platform.python_version()),
+        machine=machine(),
         # train.train refuses a run in --out with another config or past cfg.steps, so every run has cfg.steps
         settings=dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
                       n_contexts=args.n_contexts, n_samples=args.n_samples, sample_steps=args.sample_steps or 50,
@@ -121,11 +134,8 @@ def bench(name, args):
         seeds=seeds, columns=columns, summary=summary, ratios=ratios, runs=runs)
     if hasattr(problem, "benchmark_render"):  # problems rendered by render.py
         results["render rays/s"] = problem.benchmark_render(device=cfg.device)
-    os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)  # atomic: a killed run leaves the last results whole
+    write_json(results, path)
     plot_curves(results, os.path.join(args.figures, f"{name}-curves.png"))
     print(f"\n{results_table(results)}\n(results: {path}; {results['minutes']:.1f} minutes)")
 
@@ -167,16 +177,12 @@ def measure_speed(args):
                 print(f"{name}, {label}: {times[name][label][-1]:.1f} ms/step", flush=True)
     defaults = {name: config.make_config(name) for name in ALL}
     results = dict(problem="speed", command="python bench.py " + " ".join(sys.argv[1:]), steps=steps,
-                   repetitions=args.seeds, machine=dict(cpu=platform.machine(), cpus=os.cpu_count(),
-                                                        torch=torch.__version__, python=platform.python_version()),
+                   repetitions=args.seeds, machine=machine(),
                    load_average_before=load_before, load_average_after=list(os.getloadavg()),
                    defaults={name: dict(steps=c.steps, batch_size=c.batch_size) for name, c in defaults.items()},
                    ms_per_step=times)
-    os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, "speed.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(results, path)
     print(f"\n{speed_table(results)}\n(results: {path})")
 
 
@@ -228,6 +234,11 @@ def results_table(results):
     return "\n".join(lines)
 
 
+def any_table(results):
+    """The table of a results file: the Speed table's, or a toy's."""
+    return speed_table(results) if results["problem"] == "speed" else results_table(results)
+
+
 BLOCK = re.compile(r"(<!-- results (\w+)[^>]*-->\n)(.*?)(<!-- /results -->)", re.S)
 STUDY_BLOCK = re.compile(r"(<!-- study (\w+)[^>]*-->\n)(.*?)(<!-- /study -->)", re.S)
 
@@ -239,8 +250,7 @@ def readme_with_tables(text, results_dir, studies_dir=os.path.join("assets", "st
     def table(match):
         with open(os.path.join(results_dir, f"{match.group(2)}.json")) as f:
             results = json.load(f)
-        made = speed_table(results) if match.group(2) == "speed" else results_table(results)
-        return match.group(1) + made + "\n" + match.group(4)
+        return match.group(1) + any_table(results) + "\n" + match.group(4)
 
     def study_table(match):
         import study
@@ -321,7 +331,7 @@ def main():
     args = parser.parse_args()
     if args.table:
         with open(args.table) as f:
-            print(results_table(json.load(f)))
+            print(any_table(json.load(f)))
         return
     if args.readme:
         with open(args.readme) as f:
@@ -334,9 +344,8 @@ def main():
     if args.speed:
         measure_speed(args)
         return
-    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), device {device}")
+    m = machine()
+    print(f"machine: {m['cpu']}, {m['cpus']} cpus, torch {m['torch']} ({m['threads']} threads), device {m['device']}")
     try:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be an integer >= 1, got {args.seeds}")
