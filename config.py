@@ -1,6 +1,6 @@
 """What a training run is: its configuration, checked, and the command-line help of every option.
 
-train.py trains a Config; sample.py, bench.py and study.py make one with make_config. A
+train.py trains a Config; sample.py, experiments/bench.py and experiments/study.py make one with make_config. A
 Config is everything a run depends on and is saved in every checkpoint: a problem's
 TRAIN_DEFAULTS override the defaults below, and the command line (or the caller) overrides
 both. validate() refuses, with one line naming the option and what it allows, any setting
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import toy_problems
-from multiview_data import FORMATS
+from posed_images.formats import READERS
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Config:
     seed: int = 0
     out_dir: str = ""  # where ckpt.pt goes; "" = out/<problem>-<model>
     device: str = ""  # "" = cuda if available, else cpu
-    data: str = ""  # posed images on disk to train the 3D model on (multiview.py); "" = the problem's own scenes
+    data: str = ""  # posed images on disk to train the 3D model on (posed_images/formats.py); "" = the problem's own scenes
     format: str = ""  # the format of --data: re10k | co3d | blender
     frame_window: int = 0  # with --data: target and novel frames at most this many frames from the context (0 = any)
     workers: int = 2  # with --data: DataLoader worker processes that decode images and make batches ahead
@@ -83,8 +83,8 @@ class Config:
             ("data", not self.data or (self.problem.startswith("scenes3d") and os.path.exists(self.data)),
              "an existing file or folder of posed images (README, Your own data), with --problem scenes3d, "
              "scenes3d-64 or scenes3d-128"),
-            ("format", self.format in FORMATS if self.data else self.format == "",
-             f"one of {', '.join(FORMATS)} with --data, and not given without it"),
+            ("format", self.format in READERS if self.data else self.format == "",
+             f"one of {', '.join(READERS)} with --data, and not given without it"),
             ("frame_window", self.frame_window >= 0 and (self.frame_window == 0 or self.data),
              "an integer >= 0 (0 = any frame of the sequence), with --data"),
             ("workers", self.workers >= 0, "an integer >= 0 (0 = make batches in the training process)"),

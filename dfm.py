@@ -357,17 +357,18 @@ def repeat_batch(x, n):
 def sample_signals(model, batch, n_samples, generator=None, steps=50, **sample_kwargs):
     """n_samples signals for each context of a batch (sample_batch's keys): (B, n_samples, *signal_shape).
 
-    How every toy draws its samples for scoring. The oracle samples the signal directly (its
+    How every problem draws its samples for scoring. The oracle samples the signal directly (its
     'observation' is the signal); DFM and the deterministic model sample the target view and
-    return the signal behind it.
+    return the signal behind it. A signal that is not a tensor (the 3D field) comes back as one
+    batch of B * n_samples signals, context i's in rows i * n_samples to (i + 1) * n_samples - 1.
     """
-    B, signal_shape = batch["ctxt_obs"].shape[0], batch["signal"].shape[1:]
+    B = batch["ctxt_obs"].shape[0]
     ctxt_obs, ctxt_params, trgt_params = (repeat_batch(batch[k], n_samples)
                                           for k in ("ctxt_obs", "ctxt_params", "trgt_params"))
-    obs_shape = tuple(signal_shape) if model.kind == "oracle" else tuple(batch["trgt_obs"].shape[1:])
+    obs_shape = tuple((batch["signal"] if model.kind == "oracle" else batch["trgt_obs"]).shape[1:])
     signal, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=steps, generator=generator,
                              obs_shape=obs_shape, **sample_kwargs)
-    return signal.view(B, n_samples, *signal_shape)
+    return signal.view(B, n_samples, *signal.shape[1:]) if isinstance(signal, torch.Tensor) else signal
 
 
 # -----------------------------------------------------------------------------

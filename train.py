@@ -44,10 +44,10 @@ CURVE_EVAL = dict(n_contexts=16, n_samples=32, steps=20)  # the quick scores of 
 
 
 def load_problem(cfg):
-    """The problem of a run: a toy, or with --data the 3D model on posed images from disk (multiview_data.py)."""
+    """The problem of a run: a toy, or with --data the 3D model on posed images from disk (dataset.py)."""
     if cfg.data:
-        import multiview_data
-        return multiview_data.problem(cfg.problem, cfg.data, cfg.format, cfg.frame_window, cfg.workers)
+        from posed_images import dataset
+        return dataset.problem(cfg.problem, cfg.data, cfg.format, cfg.frame_window, cfg.workers)
     return toy_problems.load(cfg.problem)
 
 

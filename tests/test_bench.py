@@ -1,4 +1,4 @@
-"""bench.py --all end to end at a tiny budget, and the README's result tables tied to their results files."""
+"""experiments/bench.py --all end to end at a tiny budget, and the README's result tables tied to their results files."""
 import json
 import os
 import statistics
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import bench
+from experiments import bench
 import toy_problems
 import train
 
@@ -18,7 +18,7 @@ def test_bench_all_writes_results_with_seed_spread_curves_and_tables(monkeypatch
         problem = toy_problems.load(name)
         monkeypatch.setattr(problem, "TRAIN_DEFAULTS", dict(problem.TRAIN_DEFAULTS, batch_size=2))
     monkeypatch.setattr(train, "CURVE_EVAL", dict(n_contexts=2, n_samples=2, steps=2))
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--all", "--seeds", "2", "--steps", "2", "--eval-every", "1",
+    monkeypatch.setattr(sys, "argv", ["experiments/bench.py", "--all", "--seeds", "2", "--steps", "2", "--eval-every", "1",
                                       "--n-contexts", "2", "--n-samples", "2", "--sample-steps", "2",
                                       "--out", str(tmp_path), "--no-progress"])
     bench.main()
@@ -57,7 +57,7 @@ def test_the_readmes_result_tables_are_their_results_files():
     studies_dir = os.path.join(ROOT, "assets", "studies")
     studies = sorted(f[:-len(".json")] for f in os.listdir(studies_dir) if f.endswith(".json"))
     assert sorted(match.group(2) for match in bench.STUDY_BLOCK.finditer(text)) == studies
-    assert bench.readme_with_tables(text, results_dir, studies_dir) == text, "run: python bench.py --readme"
+    assert bench.readme_with_tables(text, results_dir, studies_dir) == text, "run: python -m experiments.bench --readme"
 
 
 def test_a_hand_edited_study_table_is_caught_and_rewritten():
@@ -80,9 +80,9 @@ def test_a_readme_block_is_rewritten_from_its_results_file(tmp_path):
                "ratios": {"dfm/oracle": {"d": {"mean": 1.0, "sd": 0.0}},
                           "dfm/deterministic": {"d": {"mean": 2.0, "sd": 0.5}}}}
     (tmp_path / "toy.json").write_text(json.dumps(results))
-    stale = "intro\n<!-- results toy: made by bench.py -->\n| dfm | 0.4999 |\n<!-- /results -->\nafter\n"
+    stale = "intro\n<!-- results toy: made by experiments/bench.py -->\n| dfm | 0.4999 |\n<!-- /results -->\nafter\n"
     new = bench.readme_with_tables(stale, str(tmp_path))
-    assert new.startswith("intro\n<!-- results toy: made by bench.py -->\n") and new.endswith("<!-- /results -->\nafter\n")
+    assert new.startswith("intro\n<!-- results toy: made by experiments/bench.py -->\n") and new.endswith("<!-- /results -->\nafter\n")
     assert "| dfm | 0.5000 ± 0.2500 | 10.0 ± 1.0 |" in new
     assert "| floor (exact vs exact) | 0.1250 | - |" in new
     assert "| dfm / deterministic | 2.00 ± 0.50 |" in new
@@ -95,7 +95,7 @@ def test_speed_times_the_readmes_training_command_and_tabulates_medians(monkeypa
     assert bench.train_ms_per_step("gan_inversion", 2, {"OMP_NUM_THREADS": "1"}) > 0  # a real run, parsed
     fake = iter(range(1, 100))
     monkeypatch.setattr(bench, "train_ms_per_step", lambda name, steps, environment: float(next(fake)))
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--speed", "--seeds", "3", "--results", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["experiments/bench.py", "--speed", "--seeds", "3", "--results", str(tmp_path)])
     bench.main()
     with open(tmp_path / "speed.json") as f:
         results = json.load(f)

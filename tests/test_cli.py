@@ -16,7 +16,7 @@ import threading
 import pytest
 import torch
 
-import bench
+from experiments import bench
 import sample
 import config
 import train
@@ -186,9 +186,9 @@ def options_and_their_help(help_text):
     return {re.findall(r"--[\w-]+", b)[0]: " ".join(b.split()) for b in blocks if b.strip()}
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py"])
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "-m experiments.bench"])
 def test_help_says_what_every_option_does_and_its_default(script):
-    out = run(script, "--help")
+    out = run(*script.split(), "--help")
     assert out.returncode == 0, out.stderr
     options = options_and_their_help(out.stdout)
     assert len(options) >= 6
@@ -283,7 +283,7 @@ def test_the_quick_start_trains_then_samples(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# bench.py, and nothing left behind
+# experiments/bench.py, and nothing left behind
 
 
 def test_bench_writes_figures_under_out_and_states_the_steps_it_used(cli, monkeypatch, tmp_path):

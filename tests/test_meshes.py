@@ -1,4 +1,4 @@
-"""Real geometry with an exact hidden part (meshes.py), on meshes the tests build: the caster against
+"""Real geometry with an exact hidden part (posed_images/meshes.py), on meshes the tests build: the caster against
 closed-form hits, the PLY reader, the colouring that makes the hidden part exact, the written set read
 back by the NeRF-synthetic loader, and its scores. Only the check of the fetched pyvista meshes needs
 them in the cache (tests never download)."""
@@ -9,8 +9,8 @@ import struct
 import pytest
 import torch
 
-import meshes
-import multiview
+from posed_images import meshes
+from posed_images import formats
 import render
 from test_scenes3d import TINY, tiny_model
 
@@ -80,8 +80,8 @@ def test_a_scene_is_written_as_nerf_synthetic_and_read_back_with_its_exact_poste
     g = torch.Generator().manual_seed(2)
     vertices = meshes.place(CUBE_VERTICES, g)
     seen, hidden = meshes.write_scene(str(tmp_path / "scene"), vertices, CUBE_FACES, 4, 16, g)
-    train = multiview.load_scene(str(tmp_path / "scene" / "transforms_train.json"), "blender")
-    test = multiview.load_scene(str(tmp_path / "scene" / "transforms_test.json"), "blender")
+    train = formats.load_scene(str(tmp_path / "scene" / "transforms_train.json"), "blender")
+    test = formats.load_scene(str(tmp_path / "scene" / "transforms_test.json"), "blender")
     posterior = torch.load(tmp_path / "scene" / "posterior.pt", weights_only=True)
     assert train["images"].shape == (4, 3, 16, 16) and test["images"].shape == (3, 3, 16, 16)
     for scene in (train, test):  # rendering the mesh from the loaded cameras gives the loaded images
@@ -113,7 +113,7 @@ def test_the_registry_meshes_are_never_fetched_in_tests_and_read_when_cached(tmp
     with pytest.raises(RuntimeError, match="DFM_NO_DOWNLOAD=1 forbids fetching"):
         meshes.fetch_meshes(str(tmp_path))
     if not all(os.path.exists(os.path.join(meshes.DEFAULT_CACHE, f"{n}.ply")) for n in meshes.MESHES):
-        pytest.skip(f"pyvista's meshes are not cached in {meshes.DEFAULT_CACHE} (python meshes.py fetches them)")
+        pytest.skip(f"pyvista's meshes are not cached in {meshes.DEFAULT_CACHE} (python -m posed_images.meshes fetches them)")
     found = meshes.fetch_meshes()
     assert {n: tuple(f.shape) for n, (_, f) in found.items()} == {"airplane": (2452, 3), "ant": (912, 3),
                                                                  "nut": (1046, 3)}

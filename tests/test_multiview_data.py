@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import config
-import multiview
-import multiview_data
+from posed_images import formats
+from posed_images import dataset
 import render
 import toy_problems
 import train
@@ -33,16 +33,16 @@ def co3d_set(tmp_path, monkeypatch):
     cameras = {}
     for k in range(3):
         c2w, K = ring(8, offset=k)
-        multiview.write_co3d(str(tmp_path / "co3d"), "spheres", f"seq{k}", c2w, K, render_known(c2w, K, H, W)[0])
+        formats.write_co3d(str(tmp_path / "co3d"), "spheres", f"seq{k}", c2w, K, render_known(c2w, K, H, W)[0])
         cameras[f"seq{k}"] = c2w
-    monkeypatch.setattr(multiview_data, "DEFAULT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dataset, "DEFAULT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", TINY)
     return str(tmp_path / "co3d"), cameras
 
 
 def test_batches_are_posed_relative_to_the_context_scaled_and_reproduce_the_frames(co3d_set):
     path, cameras = co3d_set
-    data = multiview_data.SceneSet(path, "co3d", 32, workers=0, progress=False)
+    data = dataset.SceneSet(path, "co3d", 32, workers=0, progress=False)
     b = data.sample_batch(4, torch.Generator().manual_seed(0))
     assert b["ctxt_obs"].shape == (4, 1, 3, 32, 32) and b["trgt_obs"].shape == b["novel_obs"].shape == (4, 3, 32, 32)
     assert torch.allclose(b["ctxt_params"]["c2w"][:, 0], torch.eye(4).expand(4, 4, 4), atol=1e-5)
@@ -63,9 +63,9 @@ def test_batches_are_posed_relative_to_the_context_scaled_and_reproduce_the_fram
 
 def test_co3d_scenes_lie_inside_the_authors_bounds_and_rays_stop_at_them(co3d_set):
     path, _ = co3d_set
-    near, far = multiview_data.FORMATS["co3d"].near, multiview_data.FORMATS["co3d"].far
-    assert (near, far) == (0.5, 40.0) and multiview_data.FORMATS["re10k"].near == 0.7
-    data = multiview_data.SceneSet(path, "co3d", 32, workers=0, progress=False)
+    near, far = dataset.FORMATS["co3d"].near, dataset.FORMATS["co3d"].far
+    assert (near, far) == (0.5, 40.0) and dataset.FORMATS["re10k"].near == 0.7
+    data = dataset.SceneSet(path, "co3d", 32, workers=0, progress=False)
     b = data.sample_batch(8, torch.Generator().manual_seed(1))
     for i, (seq, frames) in enumerate(zip(b["sequence"].tolist(), b["frames"].tolist())):
         w2c0 = torch.linalg.inv(torch.as_tensor(data.sequences[seq]["c2w"][frames[0]])).float()
@@ -74,7 +74,7 @@ def test_co3d_scenes_lie_inside_the_authors_bounds_and_rays_stop_at_them(co3d_se
             depth = render.project(centres, params["c2w"], params["K"])[1]
             assert (depth > near).all() and (depth < far).all()
     # rays start at near and stop at far: a wall of fog closer than near or beyond far is never seen
-    setting = multiview_data.setting_for("scenes3d", "co3d")
+    setting = dataset.setting_for("scenes3d", "co3d")
     for lo, hi, seen in ((0.1, 0.45, False), (5.0, 6.0, True), (41.0, 60.0, False)):
         def fog(views, points):  # (B, P, 3) -> opaque white between lo and hi from the origin
             r = points.norm(dim=-1)
@@ -88,7 +88,7 @@ def test_co3d_scenes_lie_inside_the_authors_bounds_and_rays_stop_at_them(co3d_se
 
 
 def test_frames_come_from_the_window_around_the_context(tmp_path):
-    data = multiview_data.SceneSet.__new__(multiview_data.SceneSet)
+    data = dataset.SceneSet.__new__(dataset.SceneSet)
     generator = torch.Generator().manual_seed(0)
     for window in (1, 3):
         data.frame_window = window
@@ -106,21 +106,21 @@ def test_frames_come_from_the_window_around_the_context(tmp_path):
 def test_images_are_decoded_once_and_cached(co3d_set, monkeypatch):
     path, _ = co3d_set
     calls = []
-    decode = multiview_data.load_frames
-    monkeypatch.setattr(multiview_data, "load_frames", lambda *a, **k: calls.append(1) or decode(*a, **k))
-    first = multiview_data.SceneSet(path, "co3d", 32, workers=0, progress=False)
+    decode = dataset.load_frames
+    monkeypatch.setattr(dataset, "load_frames", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    first = dataset.SceneSet(path, "co3d", 32, workers=0, progress=False)
     assert len(calls) == 3  # one per sequence
-    again = multiview_data.SceneSet(path, "co3d", 32, workers=0, progress=False)
+    again = dataset.SceneSet(path, "co3d", 32, workers=0, progress=False)
     assert len(calls) == 3  # read from the cache
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     assert torch.equal(first.sample_batch(3, g())["trgt_obs"], again.sample_batch(3, g())["trgt_obs"])
-    multiview_data.SceneSet(path, "co3d", 16, workers=0, progress=False)
+    dataset.SceneSet(path, "co3d", 16, workers=0, progress=False)
     assert len(calls) == 6  # another size is another cache
 
 
 def test_dataloader_workers_make_the_batches_the_training_steps_would_draw(co3d_set):
     path, _ = co3d_set
-    problem = multiview_data.problem("scenes3d", path, "co3d", frame_window=2, workers=1, progress=False)
+    problem = dataset.problem("scenes3d", path, "co3d", frame_window=2, workers=1, progress=False)
     made_ahead = list(problem.loader(2, 7, 0, range(3, 5)))
     for step, batch in zip((3, 4), made_ahead):
         direct = problem.sample_batch(2, toy_problems.train_generator(7, step, 0))
@@ -163,11 +163,11 @@ def test_data_options_are_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--data must be"):
         config.make_config("flatland", data=str(tmp_path), format="co3d").validate()
     with pytest.raises(FileNotFoundError, match="no frame_annotations.jgz"):
-        multiview_data.SceneSet(str(tmp_path), "co3d", 32, progress=False)
+        dataset.SceneSet(str(tmp_path), "co3d", 32, progress=False)
 
 
 def test_sample_py_samples_scenes_from_ones_own_image_and_scores_a_data_checkpoint(co3d_set, tmp_path, monkeypatch):
-    import metrics
+    from toy_problems import metrics
     import sample
     from PIL import Image
     import dataclasses

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dfm
-import metrics
+from toy_problems import metrics
 import toy_problems
 import config
 import train
@@ -222,10 +222,10 @@ def test_the_3d_problem_trains_under_torchrun(tmp_path):
 
 
 def test_diagnose3d_checks_the_sampler_against_the_exact_denoiser_and_prints_every_number(tmp_path, monkeypatch, capsys):
-    import diagnose3d
+    from experiments import diagnose3d
     monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", TINY)
     train.train(config.make_config("scenes3d", steps=1, batch_size=1, out_dir=str(tmp_path)), progress=False)
-    monkeypatch.setattr("sys.argv", ["diagnose3d.py", str(tmp_path / "ckpt.pt"), "--n-contexts", "2",
+    monkeypatch.setattr("sys.argv", ["experiments/diagnose3d.py", str(tmp_path / "ckpt.pt"), "--n-contexts", "2",
                                      "--n-samples", "4", "--steps", "2"])
     diagnose3d.main()
     out = capsys.readouterr().out
@@ -239,8 +239,8 @@ def test_diagnose3d_checks_the_sampler_against_the_exact_denoiser_and_prints_eve
 
 @pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not on PATH")
 def test_gpu_check_runs_tiny_on_the_cpu(monkeypatch, capsys):
-    import gpu_check
-    monkeypatch.setattr("sys.argv", ["gpu_check.py", "--problem", "scenes3d", "--device", "cpu", "--steps", "2",
+    from experiments import gpu_check
+    monkeypatch.setattr("sys.argv", ["experiments/gpu_check.py", "--problem", "scenes3d", "--device", "cpu", "--steps", "2",
                                      "--batch-size", "1"])
     gpu_check.main()
     out = capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""The machinery of the four studies (study.py): fixed finite data sets, forward models that are off,
-several context views, guided scoring; and study.py itself at a tiny size."""
+"""The machinery of the four studies (experiments/study.py): fixed finite data sets, forward models that are off,
+several context views, guided scoring; and experiments/study.py itself at a tiny size."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dfm
-import study
+from experiments import study
 import toy_problems
 import config
 import train
@@ -204,7 +204,7 @@ def test_training_with_up_to_three_contexts_draws_each_number():
 
 
 # -----------------------------------------------------------------------------
-# Study 4: guided scoring, and study.py itself
+# Study 4: guided scoring, and experiments/study.py itself
 
 
 def test_flatland_evaluate_passes_guidance_and_temperature_to_the_sampler():
@@ -217,7 +217,7 @@ def test_flatland_evaluate_passes_guidance_and_temperature_to_the_sampler():
 
 def test_each_study_trains_scores_and_writes_its_table_plot_and_numbers(tmp_path, monkeypatch, capsys):
     for name in study.STUDIES:
-        monkeypatch.setattr("sys.argv", ["study.py", name, "--small", "--steps", "1", "--tiny", "--no-progress",
+        monkeypatch.setattr("sys.argv", ["experiments/study.py", name, "--small", "--steps", "1", "--tiny", "--no-progress",
                                          "--out", str(tmp_path)])
         study.main()
         with open(tmp_path / f"{name}.json") as f:
@@ -229,7 +229,7 @@ def test_each_study_trains_scores_and_writes_its_table_plot_and_numbers(tmp_path
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert "gp1d-dfm" in runs and "gp1d-dfm-signals64-views2" in runs and "flatland-dfm-contexts3" in runs
     # a second call reuses the finished runs: nothing is retrained, the same numbers come out
-    monkeypatch.setattr("sys.argv", ["study.py", "contexts", "--small", "--steps", "1", "--tiny", "--no-progress",
+    monkeypatch.setattr("sys.argv", ["experiments/study.py", "contexts", "--small", "--steps", "1", "--tiny", "--no-progress",
                                      "--out", str(tmp_path), "--save", str(tmp_path / "again")])
     study.main()
     with open(tmp_path / "contexts.json") as f, open(tmp_path / "again" / "contexts.json") as g:

@@ -1,6 +1,6 @@
 """Toy forward-model problems whose exact posterior we know.
 
-Every problem is one module with the same parts, so that train.py, sample.py and bench.py
+Every problem is one module with the same parts, so that train.py, sample.py and experiments/bench.py
 treat them alike:
 
     TRAIN_DEFAULTS                       any fields of config.Config this problem sets differently
@@ -16,7 +16,7 @@ treat them alike:
     evaluate(model, seed=0, n_contexts=..., n_samples=..., steps=...) -> dict of scores
     plot(model, path, seed=0)          saves a PNG figure of samples against the exact posterior
 (the model knows what it is: model.kind). Some problems also have the parts that the studies
-of study.py need:
+of experiments/study.py need:
     sample_batch(..., n_ctxt=k)           exactly k context views (train.py --contexts)
     sample_views(n_signals, n_views, generator), finite_batch(views, batch_size, generator, device)
                                          a fixed, finite data set (train.py --signals, --views)

@@ -110,7 +110,7 @@ FORWARD_ERRORS = ("focal", "pose")
 
 
 def forward_with_error(kind, size):
-    """A forward model whose cameras are off (study 2 of study.py): `forward`, with every camera
+    """A forward model whose cameras are off (study 2 of experiments/study.py): `forward`, with every camera
     changed before rendering, as a miscalibrated camera would be.
 
     focal: the focal length is (1 + size) times the true one;

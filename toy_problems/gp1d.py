@@ -113,7 +113,7 @@ FORWARD_ERRORS = ("shift", "blur")
 
 
 def forward_with_error(kind, size):
-    """A forward model that differs from the data's `forward` (study 2 of study.py):
+    """A forward model that differs from the data's `forward` (study 2 of experiments/study.py):
 
     shift: reads every window `size` points to the right (an integer >= 0; clamped at the end);
     blur:  reads the signal blurred by a Gaussian of standard deviation `size` grid points (> 0).

@@ -73,7 +73,7 @@ FORWARD_ERRORS = ("nearest",)
 
 
 def forward_with_error(kind, size):
-    """A warp with another interpolation (study 2 of study.py): nearest: the next frame is
+    """A warp with another interpolation (study 2 of experiments/study.py): nearest: the next frame is
     (1 - size) x the bilinear warp + size x a nearest-neighbour warp, size in [0, 1]. The
     nearest-neighbour part passes no gradient to the motion field, so at size 1 nothing is learnt."""
     if kind not in FORWARD_ERRORS:

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dfm
-import metrics
+from toy_problems import metrics
 import render
 import toy_problems
 from toy_problems import scenes3d_world as world_lib
@@ -56,7 +56,7 @@ class Setting:
     cond_size: int = 16  # the conditioning render's side (rendered without gradients, then upsampled)
     depth_smooth: float = 0.002  # weight of the edge-aware depth smoothness
     lpips: float = 0.0  # weight of LPIPS on the patches when its real weights load (0.2 on CO3D in the paper)
-    bounds: tuple = None  # (near, far) along every ray, for posed images on disk (multiview.py); None: the toy's scene box
+    bounds: tuple = None  # (near, far) along every ray, for posed images on disk (posed_images/formats.py); None: the toy's scene box
 
 
 SETTINGS = {
@@ -202,7 +202,7 @@ class Field(nn.Module):
       image onto the *front* pixel that hides it (render.lookup tests the frustum, not
       occlusion), so a plain mean over all views would average that front colour 50/50 with the
       target's evidence; kept apart, the network can let the target win where it should (the
-      diagnostics of diagnose3d.py measured this: README, 3D scenes).
+      diagnostics of experiments/diagnose3d.py measured this: README, 3D scenes).
     """
 
     def __init__(self, feat, width, out_feat, cam_dist, with_target):

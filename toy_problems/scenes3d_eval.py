@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import dfm
-import metrics
+from toy_problems import metrics
 from toy_problems import scenes3d, scenes3d_world as world_lib
 
 N_PROBES = 8  # ring cameras for the view energy distance

@@ -1,10 +1,10 @@
 """The paper's open questions, measured against exact posteriors: four studies.
 
-    python study.py finite       # 1. finitely many observations per signal (gp1d, flatland)
-    python study.py forward      # 2. an imperfect forward model (gp1d, flatland, motion)
-    python study.py contexts     # 3. how many context views (flatland)
-    python study.py guidance     # 4. classifier-free guidance and temperature (flatland)
-    python study.py all --small  # all four in the student setting, in minutes
+    python -m experiments.study finite       # 1. finitely many observations per signal (gp1d, flatland)
+    python -m experiments.study forward      # 2. an imperfect forward model (gp1d, flatland, motion)
+    python -m experiments.study contexts     # 3. how many context views (flatland)
+    python -m experiments.study guidance     # 4. classifier-free guidance and temperature (flatland)
+    python -m experiments.study all --small  # all four in the student setting, in minutes
 
 The paper proves that DFM learns the true conditional distribution in the limit of
 infinitely many observations per signal and a perfect forward model. Our toy problems

@@ -1,7 +1,7 @@
 """The GPU figures of the 3D model in one short run (at most about 8 minutes on one GPU).
 
-    python gpu_check.py                                    # on a machine with a GPU: scenes3d-64, bf16
-    python gpu_check.py --problem scenes3d --device cpu --steps 2 --batch-size 2   # a tiny run on a CPU (the tests)
+    python -m experiments.gpu_check                                    # on a machine with a GPU: scenes3d-64, bf16
+    python -m experiments.gpu_check --problem scenes3d --device cpu --steps 2 --batch-size 2   # a tiny run on a CPU (the tests)
 
 It prints three things:
 1. memory: torch.cuda.max_memory_allocated() over one bf16 training step at batch 1, beside the
@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
 
 import torch
 
-import bench3d
+from experiments import bench3d
 import config
 import train
 from toy_problems import scenes3d_eval
@@ -66,7 +66,7 @@ def main():
                    "--batch-size", str(cfg.batch_size), "--device", args.device, "--precision", "bf16",
                    "--out-dir", os.path.join(tmp, "ddp"), "--no-progress"]
         start = time.perf_counter()
-        run = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+        run = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              env={**os.environ, "TMPDIR": tmp})
         backend = "NCCL" if gpu else "gloo"
         result = "ok" if run.returncode == 0 else f"FAILED (exit {run.returncode}):\n{run.stderr[-2000:]}"

@@ -1,6 +1,6 @@
 """Posed images on disk, in the formats users already have, read into the project's cameras.
 
-    scene = multiview.load_scene(path, format)   # format: "re10k" | "co3d" | "blender"
+    scene = formats.load_scene(path, format)   # format: "re10k" | "co3d" | "blender"
     scene["c2w"]     # (N, 4, 4) float, camera-to-world, OpenCV axes (x right, y down, z forward)
     scene["K"]       # (N, 3, 3) float, intrinsics normalised by image width and height
     scene["images"]  # (N, 3, H, W) float in [-1, 1]; with size=S, centre-cropped and resized to S x S
@@ -24,8 +24,8 @@ What each format stores and how it is converted (GUIDE section 6):
 
 Resizing: a centre crop to a square of side c = min(H, W) at (x0, y0) changes fx' = fx W / c,
 cx' = (cx W - x0) / c (the same for y); resizing the square changes nothing in normalised units.
-Every write_* function is the exact inverse of its reader: the tests and meshes.py use them.
-Training on data sets of such sequences (scale, near/far, caching, batches) is in multiview_data.py.
+Every write_* function is the exact inverse of its reader: the tests and posed_images/meshes.py use them.
+Training on data sets of such sequences (scale, near/far, caching, batches) is in dataset.py.
 """
 import gzip
 import json

@@ -1,9 +1,9 @@
 """The 3D benchmark: DFM against the deterministic model, with the same budget, on scenes3d.
 
-    python bench3d.py                          # train (or reuse) both in out/bench3d, score, time, memory
-    python bench3d.py --memory-only            # just the memory per sample at 64x64 and 128x128
-    python bench3d.py --figures assets         # also refresh the README's figures (tracked in git)
-    python diagnose3d.py out/bench3d/scenes3d-dfm/ckpt.pt   # why the samples do (or don't) commit
+    python -m experiments.bench3d                          # train (or reuse) both in out/bench3d, score, time, memory
+    python -m experiments.bench3d --memory-only            # just the memory per sample at 64x64 and 128x128
+    python -m experiments.bench3d --figures assets         # also refresh the README's figures (tracked in git)
+    python -m experiments.diagnose3d out/bench3d/scenes3d-dfm/ckpt.pt   # why the samples do (or don't) commit
 
 For each model it trains with the problem's default budget (or finishes, or loads, the run
 already in --out), scores the EMA weights on held-out contexts (toy_problems/scenes3d_eval.py

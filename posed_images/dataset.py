@@ -1,4 +1,4 @@
-"""Training the 3D model (toy_problems/scenes3d.py) on posed images from disk, read by multiview.py.
+"""Training the 3D model (toy_problems/scenes3d.py) on posed images from disk, read by posed_images/formats.py.
 
     python train.py --problem scenes3d --data PATH --format re10k|co3d|blender [--frame-window N]
 
@@ -30,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 import dfm
-import metrics
+from toy_problems import metrics
 import toy_problems
 from toy_problems import scenes3d, scenes3d_eval
-from multiview import READERS, bad, check_files, load_frames, read_co3d, read_co3d_annotations, read_cameras
+from posed_images.formats import READERS, bad, check_files, load_frames, read_co3d, read_co3d_annotations, read_cameras
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "multiview")  # decoded, resized images
 
@@ -398,7 +398,7 @@ def image_context(path, fov_deg, size):
     """One image of the user's own as a context: obs (1, 1, 3, S, S) and params with c2w the identity (the pose at
     the origin, as every training example's context) and K from the horizontal field of view of the image as
     it is on disk (square pixels, centred), then centre-cropped and resized like the training frames."""
-    from multiview import crop_and_resize, read_image
+    from posed_images.formats import crop_and_resize, read_image
     if not 0 < fov_deg < 180:
         raise ValueError(f"--fov must be in (0, 180) degrees, got {fov_deg}")
     if not os.path.isfile(path):

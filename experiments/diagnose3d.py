@@ -1,7 +1,7 @@
 """Why does (or doesn't) the 3D model sample the hidden half's posterior? Four numbers to check.
 
-    python diagnose3d.py out/bench3d/scenes3d-dfm/ckpt.pt      # a few minutes on a 2-core CPU
-    python diagnose3d.py notebooks/scenes3d-dfm.pt --n-contexts 8 --n-samples 16
+    python -m experiments.diagnose3d out/bench3d/scenes3d-dfm/ckpt.pt      # a few minutes on a 2-core CPU
+    python -m experiments.diagnose3d notebooks/scenes3d-dfm.pt --n-contexts 8 --n-samples 16
 
 In the world of scenes3d the context fixes everything but the back colour of each sphere, so
 the Bayes-optimal denoiser of the far-side view is known in closed form: with R_k the true

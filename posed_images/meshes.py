@@ -1,6 +1,6 @@
 """Real geometry with an exact hidden part: a multi-view data set of real meshes, written as NeRF-synthetic.
 
-    python meshes.py --out out/meshes                  # build it (fetches 3 meshes from PyPI once)
+    python -m posed_images.meshes --out out/meshes                  # build it (fetches 3 meshes from PyPI once)
     python train.py --problem scenes3d --data out/meshes --format blender
 
 The meshes are pyvista's examples (airplane.ply, ant.ply, nut.ply; MIT), taken from its wheel on
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import multiview
+from posed_images import formats
 import render
 from toy_problems import scenes3d_world as world_lib
 
@@ -246,7 +246,7 @@ def write_scene(folder, vertices, faces, n_views, size, generator):
             images.append(paint(shade, part, seen_colour, hidden_colour))
             renders.append(torch.stack([paint(shade, part, seen_colour, h) for h in range(len(PALETTE))]))
             hidden.append(world_lib.erode((part == 1)[None])[0])  # away from the silhouette and the seen part
-        multiview.write_blender(os.path.join(folder, f"transforms_{split}.json"), torch.stack(c2w), torch.stack(K),
+        formats.write_blender(os.path.join(folder, f"transforms_{split}.json"), torch.stack(c2w), torch.stack(K),
                                 torch.stack(images), torch.stack(alpha), context_frame=0 if split == "train" else None)
     torch.save({"hidden": torch.stack(hidden), "palette_renders": torch.stack(renders),
                 "seen_colour": seen_colour, "hidden_colour": hidden_colour}, os.path.join(folder, "posterior.pt"))
@@ -280,8 +280,8 @@ def hidden_scores(model, data, n_scenes=8, n_samples=16, steps=50, seed=0, thres
     uniform, from straight opposite), hidden_tv_floor (what exact samples score), sharp (the fraction of
     samples within RMSE threshold of one palette render), consistent (how often the 150 and 210 degree views
     of a sample agree), psnr_context (the render at the context camera) and scenes, how many were scored."""
-    import metrics
-    from multiview_data import sample_fields
+    from toy_problems import metrics
+    from posed_images.dataset import sample_fields
     from toy_problems import scenes3d
     device, size = next(model.parameters()).device, model.denoiser.setting.world.size
     scenes = []
@@ -295,12 +295,12 @@ def hidden_scores(model, data, n_scenes=8, n_samples=16, steps=50, seed=0, thres
             if hidden[0].sum() >= MIN_HIDDEN:
                 scenes.append(name)
     if not scenes:
-        raise ValueError(f"{data}: no scene built by meshes.py with at least {MIN_HIDDEN} hidden pixels in view")
+        raise ValueError(f"{data}: no scene built by posed_images/meshes.py with at least {MIN_HIDDEN} hidden pixels in view")
     tv, sharp, agree, psnr = [], [], [], []
     for k, name in enumerate(scenes):
         folder = os.path.join(data, name)
-        train = multiview.load_scene(os.path.join(folder, "transforms_train.json"), "blender", size)
-        test = multiview.load_scene(os.path.join(folder, "transforms_test.json"), "blender", size)
+        train = formats.load_scene(os.path.join(folder, "transforms_train.json"), "blender", size)
+        test = formats.load_scene(os.path.join(folder, "transforms_test.json"), "blender", size)
         posterior = torch.load(os.path.join(folder, "posterior.pt"), weights_only=True)
         to_context = torch.linalg.inv(train["c2w"][0])  # poses relative to the context camera, as in training
         far = {"c2w": to_context @ test["c2w"], "K": test["K"]}  # (3, 4, 4), (3, 3, 3)

@@ -1,10 +1,10 @@
 """The benchmark: DFM against its two comparison models, with the same budget, on the toy problems.
 
-    python bench.py --all --seeds 3 --results assets/results --figures assets   # the README's results
-    python bench.py --problem gp1d flatland     # some problems, one seed, figures in out/bench/figures
-    python bench.py --table assets/results/gp1d.json   # print the README table of a results file
-    python bench.py --readme                    # rewrite README.md's result tables from assets/results
-    python bench.py --speed --results assets/results   # the README's Speed table (run it on a quiet machine)
+    python -m experiments.bench --all --seeds 3 --results assets/results --figures assets   # the README's results
+    python -m experiments.bench --problem gp1d flatland     # some problems, one seed, figures in out/bench/figures
+    python -m experiments.bench --table assets/results/gp1d.json   # print the README table of a results file
+    python -m experiments.bench --readme                    # rewrite README.md's result tables from assets/results
+    python -m experiments.bench --speed --results assets/results   # the README's Speed table (run it on a quiet machine)
 
 For each problem, seed and model (dfm, deterministic, oracle) it trains with the problem's
 default budget (or finishes, or just loads, the run already in --out), scoring the EMA
@@ -41,7 +41,7 @@ import config
 import train
 
 KINDS = ["dfm", "deterministic", "oracle"]
-ALL = ["gan_inversion", "motion", "flatland", "gp1d"]  # the 2D toys, cheapest first (bench3d.py has the 3D one)
+ALL = ["gan_inversion", "motion", "flatland", "gp1d"]  # the 2D toys, cheapest first (experiments/bench3d.py has the 3D one)
 TIMINGS = ["train ms/step", "sample ms/sample"]
 
 
@@ -125,7 +125,7 @@ def bench(name, args):
             runs[kind].append(run)
     columns, summary, ratios = summarise(runs)
     results = dict(
-        problem=name, command="python bench.py " + " ".join(sys.argv[1:]), minutes=(time.perf_counter() - start) / 60,
+        problem=name, command="python -m experiments.bench " + " ".join(sys.argv[1:]), minutes=(time.perf_counter() - start) / 60,
         machine=machine(),
         # train.train refuses a run in --out with another config or past cfg.steps, so every run has cfg.steps
         settings=dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
@@ -157,7 +157,7 @@ def train_ms_per_step(name, steps, environment):
                    "--out-dir", os.path.join(out_dir, "run"), "--no-progress"]
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
         done = subprocess.run(command, env={**env, **environment}, capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)))
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     found = re.search(r"done: \d+ steps, ([\d.]+) ms/step", done.stdout)
     if done.returncode != 0 or not found:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
@@ -176,7 +176,7 @@ def measure_speed(args):
                 times[name][label].append(train_ms_per_step(name, steps, environment))
                 print(f"{name}, {label}: {times[name][label][-1]:.1f} ms/step", flush=True)
     defaults = {name: config.make_config(name) for name in ALL}
-    results = dict(problem="speed", command="python bench.py " + " ".join(sys.argv[1:]), steps=steps,
+    results = dict(problem="speed", command="python -m experiments.bench " + " ".join(sys.argv[1:]), steps=steps,
                    repetitions=args.seeds, machine=machine(),
                    load_average_before=load_before, load_average_after=list(os.getloadavg()),
                    defaults={name: dict(steps=c.steps, batch_size=c.batch_size) for name, c in defaults.items()},
@@ -246,14 +246,14 @@ STUDY_BLOCK = re.compile(r"(<!-- study (\w+)[^>]*-->\n)(.*?)(<!-- /study -->)", 
 def readme_with_tables(text, results_dir, studies_dir=os.path.join("assets", "studies")):
     """The README's text with every block between `<!-- results NAME ... -->` and `<!-- /results -->`
     replaced by the table of results_dir/NAME.json, and every block between `<!-- study NAME ... -->` and
-    `<!-- /study -->` by the tables of study.py's studies_dir/NAME.json."""
+    `<!-- /study -->` by the tables of experiments/study.py's studies_dir/NAME.json."""
     def table(match):
         with open(os.path.join(results_dir, f"{match.group(2)}.json")) as f:
             results = json.load(f)
         return match.group(1) + any_table(results) + "\n" + match.group(4)
 
     def study_table(match):
-        import study
+        from experiments import study
         with open(os.path.join(studies_dir, f"{match.group(2)}.json")) as f:
             rows = json.load(f)["rows"]
         return match.group(1) + study.table(rows, study.STUDIES[match.group(2)][1]).strip() + "\n" + match.group(4)
