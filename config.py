@@ -35,7 +35,7 @@ class Config:
     contexts: int = 0  # context views per example drawn from 1..contexts each step (0 = the problem's own rule)
     signals: int = 0  # train on a fixed data set of this many signals (0 = a new signal for every example)
     views: int = 0  # observations of each signal in that data set (0 with signals = 0)
-    forward_error: str = "none"  # train and sample with a forward model unlike the data's: one of the problem's FORWARD_ERRORS
+    forward_error: str = "none"  # a forward model unlike the data's, for training and sampling (FORWARD_ERRORS)
     forward_error_size: float = 0.0  # how far off that forward model is
     precision: str = "auto"  # fp32 | bf16 (autocast; compositing stays float32) | auto = bf16 on a GPU, fp32 on the CPU
     eval_every: int = 1000  # steps between quick evaluations against the exact posterior (0 = never)
@@ -43,7 +43,7 @@ class Config:
     seed: int = 0
     out_dir: str = ""  # where ckpt.pt goes; "" = out/<problem>-<model>
     device: str = ""  # "" = cuda if available, else cpu
-    data: str = ""  # posed images on disk to train the 3D model on (posed_images/formats.py); "" = the problem's own scenes
+    data: str = ""  # posed images on disk to train the 3D model on (posed_images/); "" = the problem's own scenes
     format: str = ""  # the format of --data: re10k | co3d | blender
     frame_window: int = 0  # with --data: target and novel frames at most this many frames from the context (0 = any)
     workers: int = 2  # with --data: DataLoader worker processes that decode images and make batches ahead

@@ -1,21 +1,22 @@
 """Diffusion with Forward Models (Tewari et al., NeurIPS 2023), generic over forward models.
 
 The signal S (a scene, a motion field, a latent) is never observed. We only see
-observations O = forward(S, params). DFM runs an ordinary diffusion process in the space
-of *target observations*, but its denoiser predicts the *signal*, and the forward model
-turns that prediction into the denoised observation:
+observations O = forward_model(S, params). DFM runs an ordinary diffusion process in the
+space of *target observations*, but its denoiser predicts the *signal*, and the forward
+model turns that prediction into the denoised observation:
 
     x_t   = sqrt(abar_t) * O_trgt + sqrt(1 - abar_t) * eps              (noise the target)
     S_hat = denoiser(O_ctxt, params_ctxt, x_t, params_trgt, t)           (predict the signal)
-    O_hat = forward(S_hat, params_trgt)                                  (the x0 estimate)
+    O_hat = forward_model(S_hat, params_trgt)                            (the x0 estimate)
     loss  = |O_hat - O_trgt|^2  (+ the same on a novel view of S_hat)
 
 Every denoised observation is therefore the rendering of one signal, and the last S_hat of
 a sampling run is a sample of p(S | O_ctxt).
 
-This file holds the noise schedule, the DFM module (loss and the DDPM/DDIM samplers), the
-two comparison models (deterministic and oracle), the timestep embedding that denoisers
-share, and the distance used to score sample sets against an exact posterior.
+This file holds the noise schedule, the DFM module (its loss and the DDIM/DDPM samplers),
+the two comparison models (deterministic and oracle), n samples per context, the building
+blocks that the toy denoisers share, and the distance that scores sample sets against an
+exact posterior; the small helpers and argument checks are at the bottom.
 """
 import math
 
@@ -46,93 +47,48 @@ def schedule(timesteps=1000, kind="cosine"):
     return {"betas": betas.float(), "abar": abar.float()}
 
 
-def _abar_at(abar, t):
-    """abar[t], with abar[-1] = 1 (no noise at all) for the end of sampling."""
-    return abar[t] if t >= 0 else abar.new_tensor(1.0)
-
-
-# -----------------------------------------------------------------------------
-# Small helpers for observation parameters, which are a tensor or a dict of tensors
-
-
-def _map_params(fn, params):
-    return {k: fn(v) for k, v in params.items()} if isinstance(params, dict) else fn(params)
-
-
-def map_batch(fn, batch):
-    """Apply fn to every tensor of a batch dict whose values are tensors or dicts of tensors (cameras)."""
-    return {k: _map_params(fn, v) for k, v in batch.items()}
-
-
-def _first_tensor(params):
-    return next(iter(params.values())) if isinstance(params, dict) else params
-
-
-def _cat_params(a, b):
-    """Concatenate two params along dim 1 (the context axis)."""
-    if isinstance(a, dict):
-        return {k: torch.cat([a[k], b[k]], dim=1) for k in a}
-    return torch.cat([a, b], dim=1)
-
-
-def _make_generator(generator, device):
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, int):
-        return torch.Generator(device=device).manual_seed(generator)
-    raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
-
-
-def _check_context(ctxt_obs, ctxt_params, trgt_params):
-    """Contexts carry an explicit Nc axis: obs (B, Nc, *obs_shape), params (B, Nc, *param_shape)."""
-    cp, tp = _first_tensor(ctxt_params), _first_tensor(trgt_params)
-    if cp.dim() != tp.dim() + 1:
-        raise ValueError(
-            f"ctxt_params has shape {tuple(cp.shape)} but trgt_params has shape {tuple(tp.shape)}: "
-            "contexts must have an Nc axis, ctxt_params (B, Nc, *param_shape) and trgt_params (B, *param_shape); "
-            "for a single context use ctxt_params.unsqueeze(1) and ctxt_obs.unsqueeze(1)")
-    if ctxt_obs.dim() < 2 or ctxt_obs.shape[:2] != cp.shape[:2]:
-        raise ValueError(
-            f"ctxt_obs has shape {tuple(ctxt_obs.shape)} but ctxt_params has shape {tuple(cp.shape)}: "
-            "expected ctxt_obs (B, Nc, *obs_shape) with the same (B, Nc) as ctxt_params")
-    if tp.shape[0] != cp.shape[0]:
-        raise ValueError(f"batch sizes differ: contexts have B={cp.shape[0]}, targets B={tp.shape[0]}")
-
-
 # -----------------------------------------------------------------------------
 # The method
 
 
 class DFM(nn.Module):
-    """A conditional diffusion model over observations whose denoiser predicts the signal.
+    """Diffusion with Forward Models: a conditional diffusion model over target observations whose
+    denoiser predicts the signal; `loss` is the objective of the module docstring, `sample` its sampler.
 
-    denoiser(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t) -> signal   (an nn.Module)
-    forward(signal, params) -> obs                                           (any differentiable callable)
-    ctxt_drop_prob: probability of zeroing the context during training, which teaches the
-        unconditional model used by classifier-free guidance (0.1 in the authors' code).
-    obs_loss(pred, target) -> scalar: the loss between a rendered and a real observation
-        (default: mean squared error); a problem may add e.g. LPIPS here.
+    denoiser(ctxt_obs, ctxt_params, x_t, trgt_params, t) -> signal   an nn.Module, the model's only weights
+    forward_model(signal, params) -> obs     any differentiable callable (a problem's `forward`)
+    obs_loss(pred, target) -> scalar         the |O_hat - O_trgt|^2 of the loss (default: mean squared error;
+                                             the 3D problem adds LPIPS)
+    ctxt_drop_prob: the probability of hiding the context during training, which teaches the
+        unconditional model that classifier-free guidance needs (0.1 in the authors' code).
 
-    Two optional hooks let a problem extend the method without DFM knowing the problem:
-    - the loss may be taken on a subset of the target's pixels (the paper renders one random
-      patch per view to save memory): `loss(..., pixels=...)` then calls
-      forward(signal, params, pixels=pixels), which must render just those pixels;
-    - a denoiser with a method aux_loss(signal, trgt_obs, trgt_params) -> scalar adds its own
-      terms to the loss (the 3D model's conditioning render and depth smoothness).
-    A denoiser with a method use_schedule(abar) gets the model's noise schedule (for
-    preconditioning by the noise level), so the two can never disagree.
+    Shapes: ctxt_obs (B, Nc, *obs_shape), ctxt_params (B, Nc, *param_shape), trgt_obs (B, *obs_shape),
+    trgt_params (B, *param_shape), t (B,); params are a tensor or a dict of tensors (cameras).
+
+    Hooks, for a problem that needs more, without DFM knowing the problem:
+    - loss(..., pixels=(B, P), novel_pixels=(B, P')) takes the loss on those pixels only (the paper renders
+      one random patch per view, to save memory); it calls forward_model(signal, params, pixels=pixels),
+      which must render just those pixels: (B, C, P). The denoiser still sees the whole noisy target.
+    - A denoiser with a method aux_loss(signal, trgt_obs, trgt_params) -> scalar adds its own terms
+      (the 3D model's conditioning render and depth smoothness).
+    - A denoiser with a method use_schedule(abar) is handed the model's noise schedule (gp1d's
+      preconditions by the noise level), so that the two never disagree.
     """
 
     kind = "dfm"  # what this model is: "dfm", "deterministic" or "oracle"
+    # The batch entries that model(batch) hands to loss, in its argument order (the oracle's differ).
+    loss_inputs = ("ctxt_obs", "ctxt_params", "trgt_obs", "trgt_params", "novel_obs", "novel_params",
+                   "pixels", "novel_pixels")
 
-    def __init__(self, denoiser, forward, timesteps=1000, schedule_kind="cosine", ctxt_drop_prob=0.0, obs_loss=None):
+    def __init__(self, denoiser, forward_model, timesteps=1000, schedule_kind="cosine", ctxt_drop_prob=0.0,
+                 obs_loss=None):
         super().__init__()
         if not isinstance(timesteps, int) or timesteps < 1:
             raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
         if not 0 <= ctxt_drop_prob < 1:
             raise ValueError(f"ctxt_drop_prob must be in [0, 1), got {ctxt_drop_prob}")
         self.denoiser = denoiser
-        self.forward_model = forward
+        self.forward_model = forward_model
         self.timesteps = timesteps
         self.ctxt_drop_prob = ctxt_drop_prob
         self.obs_loss = obs_loss or F.mse_loss
@@ -141,82 +97,59 @@ class DFM(nn.Module):
         if hasattr(denoiser, "use_schedule"):
             denoiser.use_schedule(self.abar)
 
-    def predict(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
-        """The denoiser's signal estimate, after checking the timestep."""
-        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"t must be an integer tensor of shape (B,) with values in [0, {self.timesteps}), "
-                            f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.shape != (noisy_trgt.shape[0],):
-            raise ValueError(f"t must have shape (B,) = ({noisy_trgt.shape[0]},), got {tuple(t.shape)}")
-        return self.denoiser(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
-
-    def render(self, signal, params, like, pixels=None):
-        """forward(signal, params), checked against the shape of the observation `like` it must match.
-
-        pixels (B, P): render only those pixels (indices into the flattened image of `like`);
-        the result is then (B, C, P), like select_pixels(like, pixels).
-        """
-        obs = self.forward_model(signal, params) if pixels is None else self.forward_model(signal, params, pixels=pixels)
-        expected = like.shape if pixels is None else (*like.shape[:2], pixels.shape[1])
-        if obs.shape != expected:
-            raise ValueError(f"forward(signal, params{'' if pixels is None else ', pixels'}) returned shape "
-                             f"{tuple(obs.shape)}, but the observation has shape {tuple(expected)}: they must match")
-        return obs
-
-    def denoise(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
-        """Predict the signal and render it at the target: returns (signal, obs), obs = forward(signal, trgt_params)."""
-        signal = self.predict(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
-        return signal, self.render(signal, trgt_params, noisy_trgt)
+    def forward(self, batch):
+        """model(batch) is the training loss of a batch (a dict with sample_batch's keys). Training calls the
+        model rather than .loss because DistributedDataParallel syncs gradients only through the module's call."""
+        missing = [key for key in self.loss_inputs[:4] if key not in batch]
+        if missing:
+            raise ValueError(f"the {self.kind} model trains on {', '.join(self.loss_inputs[:4])}; "
+                             f"the batch has no {', '.join(missing)}")
+        return self.loss(*(batch.get(key) for key in self.loss_inputs))
 
     def loss(self, ctxt_obs, ctxt_params, trgt_obs, trgt_params, novel_obs=None, novel_params=None,
              pixels=None, novel_pixels=None):
-        """The DFM objective: L2 between the rendered signal estimate and the clean target (and novel view).
-
-        The denoiser always sees the whole noisy target; pixels (B, P) and novel_pixels (B, P')
-        restrict the loss (and the rendering it needs) to those pixels of the target and novel view.
-        """
+        """The DFM objective, the four lines of the module docstring; pixels (B, P) and novel_pixels (B, P')
+        restrict it, and the rendering it needs, to those pixels of the target and of the novel view."""
         _check_context(ctxt_obs, ctxt_params, trgt_params)
-        B = trgt_obs.shape[0]
-        t = torch.randint(0, self.timesteps, (B,), device=trgt_obs.device)  # t ~ Uniform{0..T-1}
-        eps = torch.randn_like(trgt_obs)  # eps ~ N(0, I)
-        abar = self.abar[t].view(B, *[1] * (trgt_obs.dim() - 1))
-        noisy_trgt = abar.sqrt() * trgt_obs + (1 - abar).sqrt() * eps  # x_t ~ q(x_t | x_0)
-        if self.ctxt_drop_prob > 0:  # classifier-free guidance: sometimes hide the context
-            keep = torch.rand(B, device=ctxt_obs.device) >= self.ctxt_drop_prob
-            ctxt_obs = ctxt_obs * keep.view(B, *[1] * (ctxt_obs.dim() - 1))
-        signal = self.predict(ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t)
-        return self.signal_loss(signal, trgt_obs, trgt_params, novel_obs, novel_params, pixels, novel_pixels)
-
-    def signal_loss(self, signal, trgt_obs, trgt_params, novel_obs=None, novel_params=None, pixels=None,
-                    novel_pixels=None):
-        """How well one predicted signal explains the target (and novel) view, plus the denoiser's own terms."""
-        loss = self.obs_loss(self.render(signal, trgt_params, trgt_obs, pixels), select_pixels(trgt_obs, pixels))
-        if novel_obs is not None:  # the same signal must also explain a view it was not given
-            loss = loss + self.obs_loss(self.render(signal, novel_params, novel_obs, novel_pixels),
+        x_t, t = self.noisy_target(trgt_obs)  # x_t = sqrt(abar_t) * O_trgt + sqrt(1 - abar_t) * eps
+        if self.ctxt_drop_prob > 0:  # classifier-free guidance: hide the context of some examples
+            keep = torch.rand(len(ctxt_obs), device=ctxt_obs.device) >= self.ctxt_drop_prob  # (B,)
+            ctxt_obs = ctxt_obs * keep.view(-1, *[1] * (ctxt_obs.dim() - 1))
+        S_hat = self.denoiser(ctxt_obs, ctxt_params, x_t, trgt_params, t)  # predict the signal
+        O_hat = self.render(S_hat, trgt_params, trgt_obs, pixels)  # O_hat = forward_model(S_hat, params_trgt)
+        loss = self.obs_loss(O_hat, select_pixels(trgt_obs, pixels))  # loss = |O_hat - O_trgt|^2
+        if novel_obs is not None:  # + the same on a novel view: S_hat must also explain a view it was not given
+            loss = loss + self.obs_loss(self.render(S_hat, novel_params, novel_obs, novel_pixels),
                                         select_pixels(novel_obs, novel_pixels))
-        if hasattr(self.denoiser, "aux_loss"):
-            loss = loss + self.denoiser.aux_loss(signal, trgt_obs, trgt_params)
+        if hasattr(self.denoiser, "aux_loss"):  # hook: the denoiser's own terms
+            loss = loss + self.denoiser.aux_loss(S_hat, trgt_obs, trgt_params)
         return loss
 
-    def forward(self, batch):
-        """The training loss on a batch (a dict with sample_batch's keys). Training calls the module,
-        not .loss, so that DistributedDataParallel syncs the gradients."""
-        return self.loss(batch["ctxt_obs"], batch["ctxt_params"], batch["trgt_obs"], batch["trgt_params"],
-                         batch.get("novel_obs"), batch.get("novel_params"), batch.get("pixels"), batch.get("novel_pixels"))
+    def noisy_target(self, trgt_obs):
+        """The denoiser's input in training: (x_t, t), x_t ~ q(x_t | O_trgt) at t ~ Uniform{0, ..., T-1}."""
+        B = trgt_obs.shape[0]
+        t = torch.randint(0, self.timesteps, (B,), device=trgt_obs.device)  # t ~ Uniform{0, ..., T-1}
+        eps = torch.randn_like(trgt_obs)  # eps ~ N(0, I)
+        abar = self.abar[t].view(B, *[1] * (trgt_obs.dim() - 1))
+        return abar.sqrt() * trgt_obs + (1 - abar).sqrt() * eps, t
 
-    def _predict(self, ctxt_obs, ctxt_params, x, trgt_params, t, guidance):
-        """One denoiser call at integer step t: (signal, x0 estimate), guided on the x0 estimate if asked."""
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        signal, obs = self.denoise(ctxt_obs, ctxt_params, x, trgt_params, t_batch)
-        if guidance != 1.0:  # x0 = x0_uncond + w * (x0_cond - x0_uncond)
-            _, obs_uncond = self.denoise(torch.zeros_like(ctxt_obs), ctxt_params, x, trgt_params, t_batch)
-            obs = obs_uncond + guidance * (obs - obs_uncond)
-        return signal, obs
+    def render(self, signal, params, like, pixels=None):
+        """forward_model(signal, params), checked against the observation `like` that it must match; with pixels
+        (B, P), indices into the flattened image, only those pixels: (B, C, P), as select_pixels(like, pixels)."""
+        obs = self.forward_model(signal, params, **({} if pixels is None else {"pixels": pixels}))
+        _check_rendered(obs, like, pixels)
+        return obs
+
+    def denoise(self, ctxt_obs, ctxt_params, x_t, trgt_params, t):
+        """(S_hat, O_hat) at x_t: the predicted signal and its rendering, the x0 estimate that sampling steps to."""
+        _check_timestep(t, x_t.shape[0], self.timesteps)
+        signal = self.denoiser(ctxt_obs, ctxt_params, x_t, trgt_params, t)
+        return signal, self.render(signal, trgt_params, x_t)
 
     @torch.no_grad()
     def sample(self, ctxt_obs, ctxt_params, trgt_params, steps=50, sampler="ddim", eta=0.0,
                temperature=1.0, guidance=1.0, generator=None, obs_shape=None):
-        """Sample a signal given the context; returns (signal, obs) with obs = forward(signal, trgt_params).
+        """Sample a signal given the context; returns (signal, obs) with obs = forward_model(signal, trgt_params).
 
         sampler: "ddim" (eta = 0 is deterministic given x_T) or "ddpm" (ancestral), each over
             `steps` evenly spaced timesteps.
@@ -232,13 +165,19 @@ class DFM(nn.Module):
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"steps must be in [1, {self.timesteps}], got {steps}")
         generator = _make_generator(generator, ctxt_obs.device)
-        shape = (ctxt_obs.shape[0], *(obs_shape or ctxt_obs.shape[2:]))
-        x = temperature * torch.randn(shape, generator=generator, device=ctxt_obs.device)  # x_T ~ N(0, I)
-        ts = torch.linspace(self.timesteps - 1, 0, steps).round().long().tolist()
         step = ddim_step if sampler == "ddim" else ddpm_step
+        B, device = ctxt_obs.shape[0], ctxt_obs.device
+        abar = torch.cat([self.abar, self.abar.new_ones(1)])  # abar[-1] = 1: no noise left after the last step
+        ts = torch.linspace(self.timesteps - 1, 0, steps).round().long().tolist()  # T-1 first, 0 last
+        shape = (B, *(obs_shape or ctxt_obs.shape[2:]))  # (B, *obs_shape)
+        x = temperature * torch.randn(shape, generator=generator, device=device)  # x_T ~ N(0, temperature^2 I)
         for t, t_prev in zip(ts, ts[1:] + [-1]):
-            signal, x0 = self._predict(ctxt_obs, ctxt_params, x, trgt_params, t, guidance)
-            x = step(x, x0, _abar_at(self.abar, t), _abar_at(self.abar, t_prev), eta, generator)
+            t_batch = torch.full((B,), t, device=device, dtype=torch.long)
+            signal, x0 = self.denoise(ctxt_obs, ctxt_params, x, trgt_params, t_batch)  # x0 = forward_model(S_hat)
+            if guidance != 1.0:  # x0 = x0_uncond + w * (x0_cond - x0_uncond)
+                _, x0_uncond = self.denoise(torch.zeros_like(ctxt_obs), ctxt_params, x, trgt_params, t_batch)
+                x0 = x0_uncond + guidance * (x0 - x0_uncond)
+            x = step(x, x0, abar[t], abar[t_prev], eta, generator)
         return signal, self.forward_model(signal, trgt_params)
 
     @torch.no_grad()
@@ -256,14 +195,6 @@ class DFM(nn.Module):
             ctxt_obs = torch.cat([ctxt_obs, obs.unsqueeze(1)], dim=1)  # (B, Nc + 1, *obs_shape)
             ctxt_params = _cat_params(ctxt_params, _map_params(lambda p: p.unsqueeze(1), trgt_params))
         return signal, torch.stack(sampled, dim=1)
-
-
-def select_pixels(obs, pixels):
-    """obs (B, C, *image), pixels (B, P) indices into the flattened image -> (B, C, P); all of obs if pixels is None."""
-    if pixels is None:
-        return obs
-    flat = obs.flatten(2)  # (B, C, H*W)
-    return flat.gather(2, pixels[:, None, :].expand(-1, flat.shape[1], -1))
 
 
 def ddim_step(x, x0, abar, abar_prev, eta, generator):
@@ -291,33 +222,23 @@ class Deterministic(DFM):
 
     The denoiser gets an all-zero 'noisy target' at t = T-1, so it must predict the target
     from the context alone; with an L2 loss it learns the conditional mean, which is blurry
-    wherever the context leaves the signal uncertain.
+    wherever the context leaves the signal uncertain. Its loss is DFM's with that input.
     """
 
     kind = "deterministic"
 
-    def _blank(self, ctxt_obs, obs_shape):
-        """The denoiser's inputs for a prediction from the context alone: an all-zero target at t = T-1."""
-        B = ctxt_obs.shape[0]
-        return (torch.zeros(B, *obs_shape, device=ctxt_obs.device),
-                torch.full((B,), self.timesteps - 1, device=ctxt_obs.device, dtype=torch.long))
-
-    def _regress(self, ctxt_obs, ctxt_params, trgt_params, obs_shape):
-        blank, t = self._blank(ctxt_obs, obs_shape)
-        return self.denoise(ctxt_obs, ctxt_params, blank, trgt_params, t)
-
-    def loss(self, ctxt_obs, ctxt_params, trgt_obs, trgt_params, novel_obs=None, novel_params=None,
-             pixels=None, novel_pixels=None):
-        _check_context(ctxt_obs, ctxt_params, trgt_params)
-        blank, t = self._blank(ctxt_obs, trgt_obs.shape[1:])
-        signal = self.predict(ctxt_obs, ctxt_params, blank, trgt_params, t)
-        return self.signal_loss(signal, trgt_obs, trgt_params, novel_obs, novel_params, pixels, novel_pixels)
+    def noisy_target(self, trgt_obs):
+        """No noise to remove: an all-zero target at t = T-1."""
+        t = torch.full((trgt_obs.shape[0],), self.timesteps - 1, device=trgt_obs.device, dtype=torch.long)
+        return torch.zeros_like(trgt_obs), t
 
     @torch.no_grad()
     def sample(self, ctxt_obs, ctxt_params, trgt_params, obs_shape=None, **ignored):
         """The one prediction the model can make; sampler options are accepted and ignored."""
         _check_context(ctxt_obs, ctxt_params, trgt_params)
-        return self._regress(ctxt_obs, ctxt_params, trgt_params, obs_shape or ctxt_obs.shape[2:])
+        like = torch.zeros(ctxt_obs.shape[0], *(obs_shape or ctxt_obs.shape[2:]), device=ctxt_obs.device)
+        x_t, t = self.noisy_target(like)
+        return self.denoise(ctxt_obs, ctxt_params, x_t, trgt_params, t)
 
 
 def identity(signal, params):
@@ -327,18 +248,17 @@ def identity(signal, params):
 
 class Oracle(DFM):
     """Plain conditional diffusion trained on the ground-truth signals, which only a toy can provide:
-    DFM with the identity as forward model, its 'target observation' being the signal itself."""
+    DFM with the identity as forward model, its target observation being the signal itself, seen
+    whole and once (no novel view, no subset of pixels). The problem's forward model is not used."""
 
     kind = "oracle"
+    loss_inputs = ("ctxt_obs", "ctxt_params", "signal", "trgt_params")
 
-    def __init__(self, denoiser, forward=None, timesteps=1000, **dfm_kwargs):
+    def __init__(self, denoiser, forward_model=None, timesteps=1000, **dfm_kwargs):
         super().__init__(denoiser, identity, timesteps, **dfm_kwargs)
 
-    def forward(self, batch):
-        return self.loss(batch["ctxt_obs"], batch["ctxt_params"], batch["signal"], batch["trgt_params"])
 
-
-def make_model(kind, denoiser, forward, timesteps=1000, **dfm_kwargs):
+def make_model(kind, denoiser, forward_model, timesteps=1000, **dfm_kwargs):
     """kind: "dfm" (the method), "deterministic" (no diffusion) or "oracle" (diffusion on the signal).
     The model carries its kind (model.kind), so nothing downstream needs to be told."""
     models = {"dfm": DFM, "deterministic": Deterministic, "oracle": Oracle}
@@ -346,12 +266,11 @@ def make_model(kind, denoiser, forward, timesteps=1000, **dfm_kwargs):
         raise ValueError(f"unknown model kind {kind!r}: expected 'dfm', 'deterministic' or 'oracle'")
     if kind == "deterministic":
         dfm_kwargs.pop("ctxt_drop_prob", None)  # nothing to guide
-    return models[kind](denoiser, forward, timesteps, **dfm_kwargs)
+    return models[kind](denoiser, forward_model, timesteps, **dfm_kwargs)
 
 
-def repeat_batch(x, n):
-    """(B, ...) -> (B * n, ...), each item repeated n times in a row; works on dicts of tensors."""
-    return _map_params(lambda v: v.repeat_interleave(n, dim=0), x)
+# -----------------------------------------------------------------------------
+# n samples per context
 
 
 def sample_signals(model, batch, n_samples, generator=None, steps=50, **sample_kwargs):
@@ -369,6 +288,11 @@ def sample_signals(model, batch, n_samples, generator=None, steps=50, **sample_k
     signal, _ = model.sample(ctxt_obs, ctxt_params, trgt_params, steps=steps, generator=generator,
                              obs_shape=obs_shape, **sample_kwargs)
     return signal.view(B, n_samples, *signal.shape[1:]) if isinstance(signal, torch.Tensor) else signal
+
+
+def repeat_batch(x, n):
+    """(B, ...) -> (B * n, ...), each item repeated n times in a row; works on dicts of tensors."""
+    return _map_params(lambda v: v.repeat_interleave(n, dim=0), x)
 
 
 # -----------------------------------------------------------------------------
@@ -414,3 +338,75 @@ def energy_distance(x, y):
     xx = torch.cdist(x, x).mean(dim=(1, 2))
     yy = torch.cdist(y, y).mean(dim=(1, 2))
     return (2 * xy - xx - yy).float()
+
+
+# -----------------------------------------------------------------------------
+# Small helpers: pixels, params (a tensor or a dict of tensors), and the argument checks
+
+
+def select_pixels(obs, pixels):
+    """obs (B, C, *image), pixels (B, P) indices into the flattened image -> (B, C, P); all of obs if pixels is None."""
+    if pixels is None:
+        return obs
+    flat = obs.flatten(2)  # (B, C, H*W)
+    return flat.gather(2, pixels[:, None, :].expand(-1, flat.shape[1], -1))
+
+
+def map_batch(fn, batch):
+    """Apply fn to every tensor of a batch dict whose values are tensors or dicts of tensors (cameras)."""
+    return {k: _map_params(fn, v) for k, v in batch.items()}
+
+
+def _map_params(fn, params):
+    return {k: fn(v) for k, v in params.items()} if isinstance(params, dict) else fn(params)
+
+
+def _first_tensor(params):
+    return next(iter(params.values())) if isinstance(params, dict) else params
+
+
+def _cat_params(a, b):
+    """Concatenate two params along dim 1 (the context axis)."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]], dim=1) for k in a}
+    return torch.cat([a, b], dim=1)
+
+
+def _make_generator(generator, device):
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int):
+        return torch.Generator(device=device).manual_seed(generator)
+    raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+
+
+def _check_context(ctxt_obs, ctxt_params, trgt_params):
+    """Contexts carry an explicit Nc axis: obs (B, Nc, *obs_shape), params (B, Nc, *param_shape)."""
+    cp, tp = _first_tensor(ctxt_params), _first_tensor(trgt_params)
+    if cp.dim() != tp.dim() + 1:
+        raise ValueError(
+            f"ctxt_params has shape {tuple(cp.shape)} but trgt_params has shape {tuple(tp.shape)}: "
+            "contexts must have an Nc axis, ctxt_params (B, Nc, *param_shape) and trgt_params (B, *param_shape); "
+            "for a single context use ctxt_params.unsqueeze(1) and ctxt_obs.unsqueeze(1)")
+    if ctxt_obs.dim() < 2 or ctxt_obs.shape[:2] != cp.shape[:2]:
+        raise ValueError(
+            f"ctxt_obs has shape {tuple(ctxt_obs.shape)} but ctxt_params has shape {tuple(cp.shape)}: "
+            "expected ctxt_obs (B, Nc, *obs_shape) with the same (B, Nc) as ctxt_params")
+    if tp.shape[0] != cp.shape[0]:
+        raise ValueError(f"batch sizes differ: contexts have B={cp.shape[0]}, targets B={tp.shape[0]}")
+
+
+def _check_timestep(t, B, timesteps):
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"t must be an integer tensor of shape (B,) with values in [0, {timesteps}), "
+                        f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.shape != (B,):
+        raise ValueError(f"t must have shape (B,) = ({B},), got {tuple(t.shape)}")
+
+
+def _check_rendered(obs, like, pixels):
+    """What forward_model returned must have the shape of the observation it renders (or of its pixels)."""
+    expected = like.shape if pixels is None else (*like.shape[:2], pixels.shape[1])
+    if obs.shape != expected:
+        raise ValueError(f"forward_model(signal, params{'' if pixels is None else ', pixels'}) returned shape "
+                         f"{tuple(obs.shape)}, but the observation has shape {tuple(expected)}: they must match")

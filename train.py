@@ -52,12 +52,13 @@ def load_problem(cfg):
 
 
 def build_model(cfg):
-    """The model of a config; with --forward-error its forward model is not the one that made the data."""
+    """The model of a config, trained with its problem's observation loss if the problem has one (the 3D
+    problems': L2 plus LPIPS); with --forward-error its forward model is not the one that made the data."""
     problem = load_problem(cfg)
-    forward = (problem.forward if cfg.forward_error == "none" else
-               problem.forward_with_error(cfg.forward_error, cfg.forward_error_size))
-    return dfm.make_model(cfg.model, problem.make_denoiser(cfg.model), forward, cfg.timesteps,
-                          ctxt_drop_prob=cfg.ctxt_drop_prob)
+    forward_model = (problem.forward if cfg.forward_error == "none" else
+                     problem.forward_with_error(cfg.forward_error, cfg.forward_error_size))
+    return dfm.make_model(cfg.model, problem.make_denoiser(cfg.model), forward_model, cfg.timesteps,
+                          ctxt_drop_prob=cfg.ctxt_drop_prob, obs_loss=getattr(problem, "obs_loss", None))
 
 
 def training_batch(problem, cfg, views, generator, batch_size, device):
@@ -283,6 +284,13 @@ def train(cfg, resume=None, progress=True, overwrite=False):
         dist.barrier()
         dist.destroy_process_group()
     return ema.eval(), seconds_per_step
+
+
+def train_or_resume(cfg, progress=True):
+    """The run of cfg: finished (or, if done, just loaded) from the checkpoint in cfg.out_dir, else started;
+    returns (EMA model, seconds per step). A checkpoint there of another config is refused (check_resume)."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    return train(cfg, resume=path if os.path.exists(path) else None, progress=progress)
 
 
 def main():

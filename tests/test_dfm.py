@@ -168,7 +168,8 @@ def test_deterministic_model_ignores_the_seed_and_oracle_observes_the_signal():
     assert torch.equal(a, b)
     det.loss(ctxt_obs, ctxt_params, trgt_obs, trgt_params).backward()
     oracle = dfm.make_model("oracle", TinyDenoiser(obs_size=D), read, timesteps=100)
-    assert det.kind == "deterministic" and oracle.kind == "oracle" and dfm.make_model("dfm", TinyDenoiser(), read).kind == "dfm"
+    assert det.kind == "deterministic" and oracle.kind == "oracle"
+    assert dfm.make_model("dfm", TinyDenoiser(), read).kind == "dfm"
     batch = dict(ctxt_obs=ctxt_obs, ctxt_params=ctxt_params, trgt_obs=trgt_obs, trgt_params=trgt_params,
                  signal=torch.randn(4, D))
     signals = dfm.sample_signals(oracle, batch, 3, generator=0, steps=4)
@@ -179,9 +180,45 @@ def test_deterministic_model_ignores_the_seed_and_oracle_observes_the_signal():
 
 
 def test_model_is_a_module_that_holds_the_denoiser():
-    model = dfm.DFM(TinyDenoiser(), read, timesteps=100)
+    model = dfm.DFM(TinyDenoiser(), forward_model=read, timesteps=100)
+    assert model.forward_model is read
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.denoiser.parameters())
     assert all(k.startswith("denoiser.") for k in model.state_dict())
+
+
+def batch_with_a_novel_view(B=4):
+    ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch(B)
+    novel_params = trgt_params.flip(0)
+    return dict(ctxt_obs=ctxt_obs, ctxt_params=ctxt_params, trgt_obs=trgt_obs, trgt_params=trgt_params,
+                novel_obs=torch.randn(B, K), novel_params=novel_params, signal=torch.randn(B, D))
+
+
+@pytest.mark.parametrize("kind", ["dfm", "deterministic", "oracle"])
+def test_calling_the_model_on_a_batch_is_its_training_loss(kind):
+    """model(batch) is what training differentiates: DFM's and the deterministic model's loss on the target
+    and the novel view, the oracle's on the signal itself (its observation is the signal)."""
+    model = dfm.make_model(kind, TinyDenoiser(obs_size=D if kind == "oracle" else K), read, timesteps=100)
+    b = batch_with_a_novel_view()
+    torch.manual_seed(3)
+    called = model(b)
+    torch.manual_seed(3)  # the same t and noise
+    if kind == "oracle":
+        expected = model.loss(b["ctxt_obs"], b["ctxt_params"], b["signal"], b["trgt_params"])
+    else:
+        expected = model.loss(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"],
+                              b["novel_obs"], b["novel_params"])
+    assert torch.equal(called, expected)
+    torch.manual_seed(3)
+    without_novel = model({k: v for k, v in b.items() if not k.startswith("novel")})
+    assert torch.equal(without_novel, called) == (kind == "oracle")  # the oracle has no novel view to explain
+
+
+def test_the_deterministic_model_trains_on_the_prediction_it_samples():
+    det = dfm.make_model("deterministic", TinyDenoiser(), read, timesteps=100)
+    ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch()
+    signal, _ = det.sample(ctxt_obs, ctxt_params, trgt_params)
+    assert torch.allclose(det.loss(ctxt_obs, ctxt_params, trgt_obs, trgt_params),
+                          ((read(signal, trgt_params) - trgt_obs) ** 2).mean())
 
 
 # -- bad input gets a clear error --------------------------------------------------------------
@@ -190,7 +227,7 @@ def test_model_is_a_module_that_holds_the_denoiser():
 def test_forward_model_with_the_wrong_output_shape_is_reported():
     model = dfm.DFM(TinyDenoiser(), lambda s, p: s, timesteps=100)  # returns (B, D), target is (B, K)
     ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch()
-    with pytest.raises(ValueError, match=r"forward\(signal, params\) returned shape \(4, 6\).*\(4, 3\)"):
+    with pytest.raises(ValueError, match=r"forward_model\(signal, params\) returned shape \(4, 6\).*\(4, 3\)"):
         model.loss(ctxt_obs, ctxt_params, trgt_obs, trgt_params)
 
 
@@ -208,6 +245,14 @@ def test_context_without_the_nc_axis_is_reported():
         model.loss(ctxt_obs[:, 0], ctxt_params[:, 0], trgt_obs, trgt_params)
     with pytest.raises(ValueError, match="Nc axis"):
         model.sample(ctxt_obs[:, 0], ctxt_params[:, 0], trgt_params)
+
+
+def test_a_batch_without_what_the_model_trains_on_is_reported():
+    oracle = dfm.make_model("oracle", TinyDenoiser(obs_size=D), read, timesteps=100)
+    b = batch_with_a_novel_view()
+    del b["signal"]
+    with pytest.raises(ValueError, match="oracle model trains on .*the batch has no signal"):
+        oracle(b)
 
 
 def test_unknown_sampler_is_named_in_the_error():

@@ -27,7 +27,7 @@ def test_a_patch_renders_exactly_the_pixels_of_the_whole_image():
     b = scenes3d.sample_batch(2, torch.Generator().manual_seed(0), setting=TINY)
     t = torch.tensor([10, 500])
     with torch.no_grad():  # without gradients the samples along rays are not jittered: deterministic
-        signal = model.predict(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], t)
+        signal = model.denoiser(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], t)
         whole = scenes3d.forward(signal, b["trgt_params"])  # (B, 3, H, W)
         patch = scenes3d.forward(signal, b["trgt_params"], pixels=b["pixels"])  # (B, 3, P)
     assert whole.shape == (2, 3, 32, 32) and patch.shape == (2, 3, TINY.patch ** 2)
@@ -61,7 +61,7 @@ def test_the_target_view_reaches_points_the_context_sees_only_through_the_front(
     b = scenes3d.sample_batch(2, torch.Generator().manual_seed(0), setting=TINY)
     t = torch.tensor([10, 10])
     with torch.no_grad():
-        signal = model.predict(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], t)
+        signal = model.denoiser(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], t)
         points = b["scenes"]["center"] - 0.9 * b["scenes"]["radius"][..., None] * b["scenes"]["normal"]  # (B, 1, 3) on the back
         views = signal["views"]
         other = {**views, "feats": torch.cat([views["feats"][:, :-1], torch.randn_like(views["feats"][:, -1:])], 1)}
@@ -85,7 +85,7 @@ def test_the_denoiser_adds_the_conditioning_loss_and_depth_smoothness():
     model = tiny_model()
     b = scenes3d.sample_batch(2, torch.Generator().manual_seed(0), setting=TINY)
     t = torch.tensor([3, 7])
-    signal = model.predict(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], t)
+    signal = model.denoiser(b["ctxt_obs"], b["ctxt_params"], b["trgt_obs"], b["trgt_params"], t)
     scenes3d.forward(signal, b["trgt_params"], pixels=b["pixels"])  # remembers the patch's depth
     assert signal["patch"]["depth"].shape == (2, TINY.patch ** 2)
     aux = model.denoiser.aux_loss(signal, b["trgt_obs"], b["trgt_params"])

@@ -113,7 +113,8 @@ def test_no_training_step_or_data_set_draws_what_the_held_out_stream_draws():
     import toy_problems
     held_out = [first_draws(toy_problems.held_out_generator(s)) for s in range(1000)]
     assert len(set(held_out)) == 1000  # every evaluation seed its own contexts
-    training = {first_draws(toy_problems.train_generator(s, k, r)) for s in range(4) for k in range(500) for r in range(4)}
+    training = {first_draws(toy_problems.train_generator(s, k, r))
+                for s in range(4) for k in range(500) for r in range(4)}
     datasets = {first_draws(toy_problems.dataset_generator(s)) for s in range(1000)}
     assert not training & set(held_out) and not datasets & set(held_out) and not datasets & training
     with pytest.raises(ValueError, match="seed"):
@@ -151,6 +152,27 @@ def test_a_problem_may_set_any_config_field(monkeypatch):
     monkeypatch.setattr(gp1d, "TRAIN_DEFAULTS", dict(stepz=7))
     with pytest.raises(ValueError, match="stepz"):
         config.make_config("gp1d")
+
+
+class MeanAbsoluteDifference(torch.nn.Module):
+    """A stand-in for the LPIPS network, called as lpips' is: (x, y) -> (B, 1, 1, 1)."""
+
+    def forward(self, x, y):
+        return (x - y).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+
+def test_the_model_train_builds_uses_its_problems_observation_loss(monkeypatch):
+    from toy_problems import scenes3d
+    monkeypatch.setattr(scenes3d, "lpips_or_none", lambda: MeanAbsoluteDifference())  # no weights in tests
+    cfg = config.make_config("scenes3d-64")
+    assert cfg.problem == "scenes3d-64" and scenes3d.SETTINGS["scenes3d-64"].lpips == 0.2
+    model = train.build_model(cfg)
+    P = scenes3d.SETTINGS["scenes3d-64"].patch ** 2
+    target = torch.rand(2, 3, P, generator=torch.Generator().manual_seed(0)) * 2 - 1  # two patches (B, 3, P)
+    pred = target + 0.3  # MSE 0.09; the stand-in's distance is 0.3 at any resolution
+    assert model.obs_loss(pred, target).item() == pytest.approx(0.09 + 0.2 * 0.3, rel=1e-5)
+    # a problem without an observation loss of its own trains with plain MSE
+    assert train.build_model(config.make_config("gp1d")).obs_loss(pred, target).item() == pytest.approx(0.09, rel=1e-5)
 
 
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):

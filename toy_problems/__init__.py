@@ -64,8 +64,8 @@ def stream_seed(stream, seed, step=0, rank=0):
 
     Why 32 bits: torch's CPU generator (a Mersenne Twister) keeps only the low 32 bits of
     its seed: manual_seed(2**40 + 7) draws exactly what manual_seed(7) draws. Fields packed
-    above bit 31 would be thrown away (they were, in an earlier version of this function:
-    every --seed drew the same training data). So the two top bits name the stream, and the
+    above bit 31 would be thrown away, and every --seed would draw the same training data.
+    So the two top bits name the stream, and the
     rest is the seed itself or, for training, a well-mixed hash:
         held_out   11 | seed                          distinct per evaluation seed, by construction
         dataset    10 | seed                          a run's fixed, finite data set

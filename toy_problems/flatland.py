@@ -294,7 +294,8 @@ def evaluate(model, seed=0, n_contexts=16, n_samples=32, steps=50, n_ctxt=1, **s
     labels = pixel_labels(batch["ctxt_obs"][:, 0].cpu())  # (B, W)
 
     def position(x, y):
-        return torch.stack([dfm.energy_distance(disc_centers(x[b], labels[b])[None], disc_centers(y[b], labels[b])[None])
+        return torch.stack([dfm.energy_distance(disc_centers(x[b], labels[b])[None],
+                                                disc_centers(y[b], labels[b])[None])
                             for b in range(n_contexts)]).mean().item()
 
     return {"views": dfm.energy_distance(views["model"], views["a"]).mean().item(),

@@ -262,7 +262,8 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=5, steps=50):
         ax.scatter(samples[i, :, a].cpu(), samples[i, :, b].cpu(), s=4, color="tab:red", label=model.kind)
         ax.set_xlim(-2, 2), ax.set_ylim(-2, 2), ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(f"hidden z{a}, z{b}" if i == 0 else "", fontsize=8)
-    fig.suptitle(f"GAN inversion, {model.kind}: completions of a half-visible image, and two hidden latents", fontsize=9)
+    fig.suptitle(f"GAN inversion, {model.kind}: completions of a half-visible image, and two hidden latents",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

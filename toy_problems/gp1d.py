@@ -6,8 +6,8 @@ the signal in a window of W = 8 points; its params are the window's start index.
 context is one or more windows, a target another window.
 
 A short window often cannot tell the two processes apart (for about half of all
-single-window contexts the likelier one has a posterior weight below 0.9; a test checks it), so the posterior over the rest
-of the signal is *bimodal*. Because everything is Gaussian given the component, the
+single-window contexts the likelier one has a posterior weight below 0.9; a test checks it),
+so the posterior over the rest of the signal is *bimodal*. Because everything is Gaussian given the component, the
 posterior is a Gaussian mixture in closed form (Rasmussen & Williams, eq. 2.19, with the
 mixture weights from the marginal likelihood of the observed points). A deterministic model
 can only draw the weighted mean of the two branches; DFM should draw from both.
@@ -257,7 +257,8 @@ def exact_posterior(ctxt_obs, ctxt_params, n_samples, generator):
     samples = []
     for obs, params in zip(ctxt_obs, ctxt_params):
         mixture = exact_posterior_mixture(obs, params)
-        which = torch.multinomial(torch.tensor([w for w, _, _ in mixture]), n_samples, replacement=True, generator=generator)
+        weights = torch.tensor([w for w, _, _ in mixture])
+        which = torch.multinomial(weights, n_samples, replacement=True, generator=generator)
         z = torch.randn(n_samples, N, generator=generator, dtype=torch.float64)
         out = torch.empty(n_samples, N, dtype=torch.float64)
         for k, (_, mean, cov) in enumerate(mixture):
@@ -287,8 +288,9 @@ def draw_samples(model, batch, n_samples, generator, steps=50):
     if model.kind == "oracle":
         return window, window
     tiles = [torch.full((B * n_samples, 1), float(s), device=ctxt_obs.device) for s in TILES]
-    whole, _ = model.sample_autoregressive(dfm.repeat_batch(ctxt_obs, n_samples), dfm.repeat_batch(ctxt_params, n_samples),
-                                           tiles, steps=steps, generator=generator)
+    whole, _ = model.sample_autoregressive(dfm.repeat_batch(ctxt_obs, n_samples),
+                                           dfm.repeat_batch(ctxt_params, n_samples), tiles, steps=steps,
+                                           generator=generator)
     return window, whole.view(B, n_samples, N)
 
 
@@ -302,7 +304,8 @@ def oracle_by_window(model, batch, n_samples, generator, steps=50):
     ctxt_obs, ctxt_params = (dfm.repeat_batch(batch[k], n_samples) for k in ("ctxt_obs", "ctxt_params"))
     for start in TILES:
         tile = torch.full((ctxt_obs.shape[0], 1), float(start), device=ctxt_obs.device)  # (B * n, 1)
-        signal, _ = model.sample(ctxt_obs, ctxt_params, tile, steps=steps, generator=generator, obs_shape=(N,))  # (B * n, N)
+        signal, _ = model.sample(ctxt_obs, ctxt_params, tile, steps=steps, generator=generator,
+                                 obs_shape=(N,))  # (B * n, N)
         ctxt_obs = torch.cat([ctxt_obs, forward(signal, tile).unsqueeze(1)], dim=1)  # (B * n, Nc + 1, W)
         ctxt_params = torch.cat([ctxt_params, tile.unsqueeze(1)], dim=1)  # (B * n, Nc + 1, 1)
     return signal.view(batch["ctxt_obs"].shape[0], n_samples, N)

@@ -145,7 +145,8 @@ def copy_trunk(model, params, net="alex"):
     if len(trunk) != len(convs):
         raise ValueError(f"checkpoint has {len(trunk)} conv layers, lpips' {net} has {len(convs)}")
     for i, conv in enumerate(convs):
-        w = torch.from_numpy(np.ascontiguousarray(trunk[f"Conv_{i}"]["kernel"].transpose(3, 2, 0, 1)))  # (kh, kw, in, out) -> (out, in, kh, kw)
+        # (kh, kw, in, out) -> (out, in, kh, kw)
+        w = torch.from_numpy(np.ascontiguousarray(trunk[f"Conv_{i}"]["kernel"].transpose(3, 2, 0, 1)))
         b = torch.from_numpy(np.asarray(trunk[f"Conv_{i}"]["bias"]))
         if w.shape != conv.weight.shape or b.shape != conv.bias.shape:
             raise ValueError(f"conv {i}: checkpoint {tuple(w.shape)}/{tuple(b.shape)} vs "
@@ -154,7 +155,8 @@ def copy_trunk(model, params, net="alex"):
             conv.weight.copy_(w)
             conv.bias.copy_(b)
     for i, lin in enumerate(model.lins):
-        head = torch.from_numpy(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1))  # (1, 1, in, 1) -> (1, in, 1, 1)
+        # (1, 1, in, 1) -> (1, in, 1, 1)
+        head = torch.from_numpy(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1))
         if not torch.allclose(head, lin.model[-1].weight, atol=1e-6):
             raise ValueError(f"linear head {i} of the checkpoint differs from lpips' own")
 
