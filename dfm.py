@@ -68,9 +68,10 @@ class DFM(nn.Module):
     Hooks, for a problem that needs more, without DFM knowing the problem:
     - loss(..., pixels=(B, P), novel_pixels=(B, P')) takes the loss on those pixels only (the paper renders
       one random patch per view, to save memory); it calls forward_model(signal, params, pixels=pixels),
-      which must render just those pixels: (B, C, P). The denoiser still sees the whole noisy target.
-    - A denoiser with a method aux_loss(signal, trgt_obs, trgt_params) -> scalar adds its own terms
-      (the 3D model's conditioning render and depth smoothness).
+      which must render just those pixels and return (obs (B, C, P), extras): extras is what else the
+      render made there (the 3D model's depth) or None. The denoiser still sees the whole noisy target.
+    - A denoiser with a method aux_loss(signal, trgt_obs, trgt_params, pixels, extras) -> scalar adds its own
+      terms, given the target's pixels and extras (the 3D model's conditioning render and depth smoothness).
     - A denoiser with a method use_schedule(abar) is handed the model's noise schedule (gp1d's
       preconditions by the noise level), so that the two never disagree.
     """
@@ -116,13 +117,13 @@ class DFM(nn.Module):
             keep = torch.rand(len(ctxt_obs), device=ctxt_obs.device) >= self.ctxt_drop_prob  # (B,)
             ctxt_obs = ctxt_obs * keep.view(-1, *[1] * (ctxt_obs.dim() - 1))
         S_hat = self.denoiser(ctxt_obs, ctxt_params, x_t, trgt_params, t)  # predict the signal
-        O_hat = self.render(S_hat, trgt_params, trgt_obs, pixels)  # O_hat = forward_model(S_hat, params_trgt)
+        O_hat, extras = self.render(S_hat, trgt_params, trgt_obs, pixels)  # O_hat = forward_model(S_hat)
         loss = self.obs_loss(O_hat, select_pixels(trgt_obs, pixels))  # loss = |O_hat - O_trgt|^2
         if novel_obs is not None:  # + the same on a novel view: S_hat must also explain a view it was not given
-            loss = loss + self.obs_loss(self.render(S_hat, novel_params, novel_obs, novel_pixels),
+            loss = loss + self.obs_loss(self.render(S_hat, novel_params, novel_obs, novel_pixels)[0],
                                         select_pixels(novel_obs, novel_pixels))
         if hasattr(self.denoiser, "aux_loss"):  # hook: the denoiser's own terms
-            loss = loss + self.denoiser.aux_loss(S_hat, trgt_obs, trgt_params)
+            loss = loss + self.denoiser.aux_loss(S_hat, trgt_obs, trgt_params, pixels, extras)
         return loss
 
     def noisy_target(self, trgt_obs):
@@ -134,17 +135,21 @@ class DFM(nn.Module):
         return abar.sqrt() * trgt_obs + (1 - abar).sqrt() * eps, t
 
     def render(self, signal, params, like, pixels=None):
-        """forward_model(signal, params), checked against the observation `like` that it must match; with pixels
-        (B, P), indices into the flattened image, only those pixels: (B, C, P), as select_pixels(like, pixels)."""
-        obs = self.forward_model(signal, params, **({} if pixels is None else {"pixels": pixels}))
+        """(obs, extras): forward_model(signal, params), checked against the observation `like` that it must match,
+        and None; with pixels (B, P), indices into the flattened image, forward_model(signal, params, pixels=pixels):
+        only those pixels, (B, C, P) as select_pixels(like, pixels), and what else the render made there."""
+        if pixels is None:
+            obs, extras = self.forward_model(signal, params), None
+        else:
+            obs, extras = self.forward_model(signal, params, pixels=pixels)
         _check_rendered(obs, like, pixels)
-        return obs
+        return obs, extras
 
     def denoise(self, ctxt_obs, ctxt_params, x_t, trgt_params, t):
         """(S_hat, O_hat) at x_t: the predicted signal and its rendering, the x0 estimate that sampling steps to."""
         _check_timestep(t, x_t.shape[0], self.timesteps)
         signal = self.denoiser(ctxt_obs, ctxt_params, x_t, trgt_params, t)
-        return signal, self.render(signal, trgt_params, x_t)
+        return signal, self.render(signal, trgt_params, x_t)[0]
 
     @torch.no_grad()
     def sample(self, ctxt_obs, ctxt_params, trgt_params, steps=50, sampler="ddim", eta=0.0,

@@ -43,11 +43,12 @@ from config import (MODELS, RESUMABLE, Config, check_device, check_memory, make_
 CURVE_EVAL = dict(n_contexts=16, n_samples=32, steps=20)  # the quick scores of --eval-every (the learning curve)
 
 
-def load_problem(cfg):
-    """The problem of a run: a toy, or with --data the 3D model on posed images from disk (dataset.py)."""
+def load_problem(cfg, progress=True):
+    """The problem of a run: a toy, or with --data the 3D model on posed images from disk (dataset.py), whose
+    indexing and caching show progress bars if `progress`."""
     if cfg.data:
         from posed_images import dataset
-        return dataset.problem(cfg.problem, cfg.data, cfg.format, cfg.frame_window, cfg.workers)
+        return dataset.problem(cfg.problem, cfg.data, cfg.format, cfg.frame_window, cfg.workers, progress)
     return toy_problems.load(cfg.problem)
 
 
@@ -182,7 +183,7 @@ def train(cfg, resume=None, progress=True, overwrite=False):
         check_resume(cfg, saved, ckpt["step"])
     check_new_run(path, resume, overwrite)
     check_memory(cfg, world)
-    problem = load_problem(cfg)
+    problem = load_problem(cfg, progress and rank == 0)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build_model(cfg)  # a model the problem does not have (scenes3d's oracle) is refused here
     prepare_out_dir(cfg.out_dir)

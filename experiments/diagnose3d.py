@@ -1,14 +1,15 @@
 """Why does (or doesn't) the 3D model sample the hidden half's posterior? Four numbers to check.
 
-    python -m experiments.diagnose3d out/bench3d/scenes3d-dfm/ckpt.pt      # a few minutes on a 2-core CPU
+    python -m experiments.diagnose3d out/bench/scenes3d-dfm-seed0/ckpt.pt   # a few minutes on a 2-core CPU
     python -m experiments.diagnose3d notebooks/scenes3d-dfm.pt --n-contexts 8 --n-samples 16
 
 In the world of scenes3d the context fixes everything but the back colour of each sphere, so
 the Bayes-optimal denoiser of the far-side view is known in closed form: with R_k the true
 scene rendered with back colour(s) k,
     p(k | x_t) ~ exp(-|x_t - sqrt(abar_t) R_k|^2 / 2 (1 - abar_t)),   x0*(x_t) = sum_k p(k | x_t) R_k.
-1. sampler: DDIM driven by x0* instead of the network. Its back_tv must sit at the floor and
-   nearly every sample must be sharp; if not, the sampler or the scores are wrong, not the model.
+1. sampler: dfm's DDIM sampler driven by x0* instead of the network (a DFM whose denoiser is x0*
+   and whose forward model is the identity). Its back_tv must sit at the floor and nearly every
+   sample must be sharp; if not, the sampler or the scores are wrong, not the model.
 2. reading: the true far-side view noised to t, denoised once by the model, the field rendered
    from the far side: how often its back colour is the true one, next to how often x0*'s most
    likely colour is (the best possible at that t). Wrong at small t: the field cannot let the
@@ -24,14 +25,13 @@ import argparse
 import itertools
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
-
 import torch
 
 import dfm
 import toy_problems
 import train
-from toy_problems import scenes3d, scenes3d_eval, scenes3d_world as world_lib
+from experiments.diagnose import ExactDenoiser, exact_x0, posterior_weights
+from toy_problems import scenes3d_eval, scenes3d_world as world_lib
 
 T_READ = (0, 50, 100, 200, 400, 600, 800)
 
@@ -41,14 +41,9 @@ def palette_renders(scenes, params, world):
     assignments (K^M, M)."""
     K, M = len(world.palette), scenes["center"].shape[1]
     backs = torch.tensor(list(itertools.product(range(K), repeat=M)))  # (K^M, M)
-    renders = torch.stack([world_lib.render_scenes(world_lib.with_back_colours(scenes, b), params, world) for b in backs], 1)
+    renders = torch.stack([world_lib.render_scenes(world_lib.with_back_colours(scenes, b), params, world)
+                           for b in backs], 1)
     return renders, backs
-
-
-def bayes_posterior(x, renders, abar):
-    """p(k | x_t) for x (B, 3, H, W), renders (B, K, 3, H, W): (B, K)."""
-    sq = ((x[:, None] - abar.sqrt() * renders) ** 2).flatten(2).sum(-1)  # (B, K)
-    return torch.softmax(-sq / (2 * (1 - abar)), dim=1)
 
 
 def back_pixels(scenes, params, world):
@@ -66,18 +61,14 @@ def spread(obs, mask):
     return (rms.sum((1, 2)) / (n * (n - 1))).mean().item()
 
 
-def check_sampler(batch, far, world, abar, n, steps, generator):
-    """1. DDIM with the exact x0*: its back_tv, floor and sharp."""
+def check_sampler(batch, far, world, timesteps, n, steps, generator):
+    """1. dfm's DDIM sampler (the model's T steps and cosine schedule) with the exact x0*: its back_tv, floor, sharp."""
     B = batch["ctxt_obs"].shape[0]
     renders, _ = palette_renders(batch["scenes"], far, world)  # (B, K, 3, H, W)
-    renders = renders.repeat_interleave(n, 0)  # (B*n, K, ...)
-    x = torch.randn(renders[:, 0].shape, generator=generator)
-    ts = torch.linspace(len(abar) - 1, 0, steps).round().long().tolist()
-    for t, t_prev in zip(ts, ts[1:] + [-1]):
-        p = bayes_posterior(x, renders, abar[t])
-        x0 = (p[:, :, None, None, None] * renders).sum(1)
-        x = dfm.ddim_step(x, x0, abar[t], abar[t_prev] if t_prev >= 0 else abar.new_tensor(1.0), 0.0, generator)
-    scores = world_lib.back_colour_scores(x.view(B, n, *x.shape[1:]), batch["scenes"], far, world)
+    renders = renders.repeat_interleave(n, 0)  # (B * n, K, 3, H, W): one row per sample, as sample_signals draws
+    bayes = dfm.DFM(ExactDenoiser(lambda x_t, abar: exact_x0(x_t, renders, abar)), dfm.identity, timesteps)
+    x = dfm.sample_signals(bayes, {**batch, "trgt_params": far}, n, generator, steps)  # (B, n, 3, H, W)
+    scores = world_lib.back_colour_scores(x, batch["scenes"], far, world)
     floor = world_lib.hidden_floor(n, B * world.n_spheres, torch.Generator().manual_seed(0), len(world.palette))
     print(f"1. sampler: DDIM ({steps} steps) driven by the exact x0*: back_tv {scores['tv']:.3f} "
           f"(floor {floor:.3f}), sharp {scores['sharp']:.3f}  [expected: the floor and about 1]")
@@ -103,7 +94,7 @@ def check_reading(model, batch, far, world, generator):
         accuracy = (s["nearest"][:, 0] == batch["scenes"]["back"])[v].float().mean().item()
         front = (s["nearest"][:, 0] == batch["scenes"]["front"])[v].float().mean().item()
         rmse = s["rmse"][:, 0][v].mean().item()
-        bayes = (bayes_posterior(x_t, renders, abar).argmax(1) == true_k).float().mean().item()
+        bayes = (posterior_weights(x_t, renders, abar.expand(len(x_t))).argmax(1) == true_k).float().mean().item()
         print(f"   {t:<5d} {accuracy:14.3f} {rmse:16.3f} {front:13.3f} {bayes:16.3f}")
 
 
@@ -111,15 +102,17 @@ def check_reading(model, batch, far, world, generator):
 def check_diversity(model, batch, far, world, n, steps, seed):
     """3. Spread between samples of one context, and front-colour copies, against the exact posterior's."""
     B = batch["ctxt_obs"].shape[0]
-    signal = scenes3d_eval.sample_scenes(model, batch, n, torch.Generator().manual_seed(seed), steps)
-    far_n = scenes3d_eval.cameras_at(180.0, B * n, model.denoiser.setting, "cpu")
-    samples = scenes3d.forward(signal, far_n).view(B, n, 3, world.size, world.size)
-    exact = scenes3d_eval.exact_posterior(batch["ctxt_obs"], None, n, torch.Generator().manual_seed(seed), model.denoiser.setting)
+    setting = model.denoiser.setting
+    signal = dfm.sample_signals(model, {**batch, "trgt_params": far}, n, torch.Generator().manual_seed(seed), steps)
+    samples = scenes3d_eval.render_at(signal, 180.0).view(B, n, 3, world.size, world.size)
+    exact = scenes3d_eval.exact_posterior(batch["ctxt_obs"], None, n, torch.Generator().manual_seed(seed), setting)
+    far_n = scenes3d_eval.cameras_at(180.0, B * n, setting, "cpu")
     exact = world_lib.render_scenes({k: v.flatten(0, 1) for k, v in exact.items()}, far_n, world).view_as(samples)
     mask = back_pixels(batch["scenes"], far, world)
     s = world_lib.back_colour_scores(samples, batch["scenes"], far, world)
     front = (s["nearest"] == batch["scenes"]["front"][:, None])[s["valid"][:, None].expand_as(s["nearest"])]
-    print(f"3. diversity ({B} contexts x {n} samples, DDIM {steps} steps): spread of the back {spread(samples, mask):.3f} "
+    print(f"3. diversity ({B} contexts x {n} samples, DDIM {steps} steps): "
+          f"spread of the back {spread(samples, mask):.3f} "
           f"(exact posterior {spread(exact, mask):.3f}); front copies {front.float().mean().item():.3f} "
           f"(exact {1 / len(world.palette):.3f}); back_tv {s['tv']:.3f}, sharp {s['sharp']:.3f}")
 
@@ -139,7 +132,8 @@ def check_supervision(problem, n=512, seed=0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.diagnose3d", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a scenes3d DFM checkpoint (a run's ckpt.pt or an exported notebooks/*.pt)")
     parser.add_argument("--n-contexts", type=int, default=4, help="held-out contexts for checks 1-3 (default 4)")
     parser.add_argument("--n-samples", type=int, default=8, help="samples per context for checks 1 and 3 (default 8)")
@@ -161,8 +155,10 @@ def main():
     world = setting.world
     batch = problem.held_out_batch(args.n_contexts, seed=args.seed)
     far = scenes3d_eval.cameras_at(180.0, args.n_contexts, setting, "cpu")
-    print(f"{args.checkpoint}: {cfg.problem} {model.kind} after {step} steps; {args.n_contexts} held-out contexts (seed {args.seed})")
-    check_sampler(batch, far, world, model.abar, args.n_samples, args.steps, torch.Generator().manual_seed(args.seed))
+    print(f"{args.checkpoint}: {cfg.problem} {model.kind} after {step} steps; {args.n_contexts} held-out contexts "
+          f"(seed {args.seed})")
+    generator = torch.Generator().manual_seed(args.seed)
+    check_sampler(batch, far, world, model.timesteps, args.n_samples, args.steps, generator)
     check_reading(model, problem.held_out_batch(4 * args.n_contexts, seed=args.seed),
                   scenes3d_eval.cameras_at(180.0, 4 * args.n_contexts, setting, "cpu"), world,
                   torch.Generator().manual_seed(args.seed))

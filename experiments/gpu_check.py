@@ -1,12 +1,12 @@
 """The GPU figures of the 3D model in one short run (at most about 8 minutes on one GPU).
 
     python -m experiments.gpu_check                                    # on a machine with a GPU: scenes3d-64, bf16
-    python -m experiments.gpu_check --problem scenes3d --device cpu --steps 2 --batch-size 2   # a tiny run on a CPU (the tests)
+    python -m experiments.gpu_check --problem scenes3d --device cpu --steps 2 --batch-size 2   # tiny, on a CPU
 
 It prints three things:
 1. memory: torch.cuda.max_memory_allocated() over one bf16 training step at batch 1, beside the
-   figure counted from what autograd saves (scenes3d_eval.memory_per_sample, the same on any
-   device; on a CPU only the count is printed);
+   figure counted from what autograd saves (experiments.bench.training_memory, as in the memory
+   table; the count is the same on any device, and on a CPU it is all that is printed);
 2. speed: steps per second of a short bf16 training at the problem's default batch (train.py's
    own loop, its first step not counted);
 3. DDP: one training step under `torchrun --nproc_per_node=1`, which uses NCCL on a GPU (gloo on a CPU).
@@ -18,19 +18,16 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
-
 import torch
 
-from experiments import bench3d
 import config
 import train
-from toy_problems import scenes3d_eval
+from experiments import bench
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--problem", default="scenes3d-64", choices=["scenes3d", "scenes3d-64", "scenes3d-128"],
                         help="the 3D setting to measure (default scenes3d-64)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu, for a tiny check of the script itself")
@@ -45,19 +42,19 @@ def main():
     name = torch.cuda.get_device_name() if gpu else "cpu"
     print(f"{args.problem} on {name}, torch {torch.__version__}", flush=True)
 
-    gib = 2 ** 30
-    counted = scenes3d_eval.memory_per_sample(args.problem, "bf16")["total"] / gib
-    peak = f"{bench3d.gpu_peak_memory(args.problem, 'bf16') / gib:.3f} GiB" if gpu else "no GPU"
-    print(f"1. memory per example (batch 1, bf16): GPU peak {peak}, counted {counted:.3f} GiB", flush=True)
+    gib, memory = 2 ** 30, bench.training_memory(args.problem, "bf16")
+    peak = "no GPU" if memory["gpu_peak"] is None else f"{memory['gpu_peak'] / gib:.3f} GiB"
+    print(f"1. memory per example (batch 1, bf16): GPU peak {peak}, counted {memory['total'] / gib:.3f} GiB",
+          flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"batch_size": args.batch_size} if args.batch_size else {}
         cfg = config.make_config(args.problem, steps=1, precision="bf16", device=args.device, eval_every=0,
                                  ckpt_every=10 ** 6, out_dir=os.path.join(tmp, "speed"), **extra)
-        train.train(cfg, progress=False)  # the first step: allocations, kernel selection
+        train.train_or_resume(cfg, progress=False)  # the first step: allocations, kernel selection
         cfg.steps = args.steps
         start = time.perf_counter()
-        train.train(cfg, resume=os.path.join(cfg.out_dir, "ckpt.pt"), progress=False)
+        train.train_or_resume(cfg, progress=False)  # the same run, resumed
         per_step = (time.perf_counter() - start) / (args.steps - 1)
         print(f"2. speed: {1 / per_step:.2f} steps/s at batch {cfg.batch_size} (bf16, {args.steps - 1} steps, "
               f"{1000 * per_step:.0f} ms/step)", flush=True)
@@ -66,8 +63,8 @@ def main():
                    "--batch-size", str(cfg.batch_size), "--device", args.device, "--precision", "bf16",
                    "--out-dir", os.path.join(tmp, "ddp"), "--no-progress"]
         start = time.perf_counter()
-        run = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             env={**os.environ, "TMPDIR": tmp})
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        run = subprocess.run(command, capture_output=True, text=True, cwd=root, env={**os.environ, "TMPDIR": tmp})
         backend = "NCCL" if gpu else "gloo"
         result = "ok" if run.returncode == 0 else f"FAILED (exit {run.returncode}):\n{run.stderr[-2000:]}"
         print(f"3. one DDP step under torchrun --nproc_per_node=1 ({backend}): {result}, "

@@ -9,7 +9,7 @@
 The paper proves that DFM learns the true conditional distribution in the limit of
 infinitely many observations per signal and a perfect forward model. Our toy problems
 have exact posteriors, so we can measure what happens short of that. Each study trains
-the runs it needs with train.py's own train() into --out/runs (a finished run found there
+the runs it needs with train.train_or_resume into --out/runs (a finished run found there
 is loaded, not retrained, so the studies share their baselines and a stopped study
 continues where it stopped), scores every model with its problem's evaluate() on the
 held-out contexts, prints a markdown table and saves a plot and the numbers
@@ -22,11 +22,8 @@ the exact posterior (lower is better); the floor is the distance between two ind
 exact sample sets of the same size, the best any model can score.
 """
 import argparse
-import json
 import os
 import sys
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin (README, Speed)
 
 import matplotlib
 matplotlib.use("Agg")
@@ -35,12 +32,13 @@ import matplotlib.pyplot as plt
 import toy_problems
 import config
 import train
+from experiments import bench, tables
 
 BUDGET = {"gp1d": dict(steps=2000, batch_size=128), "flatland": dict(steps=800, batch_size=32),
           "motion": dict(steps=800, batch_size=32)}
 SMALL_BUDGET = {"gp1d": dict(steps=400, batch_size=64), "flatland": dict(steps=150, batch_size=16),
                 "motion": dict(steps=150, batch_size=16)}
-# Scoring: each problem's evaluate() defaults (the README's tables), except gp1d's 64 contexts x 64
+# Scoring: each problem's evaluate() defaults (the benchmark's), except gp1d's 64 contexts x 64
 # samples, whose autoregressive whole-signal samples take minutes per run on one CPU thread.
 SCORING = {"gp1d": dict(n_contexts=32, n_samples=32)}
 SMALL_SCORING = {"gp1d": dict(n_contexts=16, n_samples=16), "flatland": dict(n_contexts=8, n_samples=16),
@@ -55,9 +53,8 @@ def train_run(args, problem, model="dfm", **overrides):
     budget = {**(SMALL_BUDGET if args.small else BUDGET)[problem], **({"steps": args.steps} if args.steps else {})}
     name = "-".join([problem, model] + [f"{key}{value}" for key, value in overrides.items()])
     cfg = config.make_config(problem, model=model, seed=args.seed, eval_every=0,
-                            out_dir=os.path.join(args.out, "runs", name), **budget, **overrides)
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    model, _ = train.train(cfg, resume=path if os.path.exists(path) else None, progress=not args.no_progress)
+                             out_dir=os.path.join(args.out, "runs", name), **budget, **overrides)
+    model, _ = train.train_or_resume(cfg, progress=not args.no_progress)
     return model
 
 
@@ -143,10 +140,8 @@ def table(rows, varied):
         constant = [name for name in references if len({row[name] for row in mine}) == 1]
         columns = shown + [name for name in references if name not in constant]
         heading = ", ".join(f"{name} {mine[0][name]:.4f}" for name in constant)
-        lines += [f"\n{problem}" + (f" ({heading})" if heading else "") + "\n",
-                  "| " + " | ".join(varied + columns) + " |", "|---" * (len(varied) + len(columns)) + "|"]
-        lines += ["| " + " | ".join([str(row[v]) for v in varied] + [f"{row[name]:.4f}" for name in columns]) + " |"
-                  for row in mine]
+        lines += [f"\n{problem}" + (f" ({heading})" if heading else "") + "\n", tables.markdown_table(
+            varied + columns, [[row[v] for v in varied] + [f"{row[name]:.4f}" for name in columns] for row in mine])]
     return "\n".join(lines)
 
 
@@ -176,7 +171,8 @@ def plot_finite(rows, path):
 
 
 def plot_forward(rows, path):
-    panels = list(dict.fromkeys((row["problem"], row["forward_error"]) for row in rows if row["forward_error"] != "none"))
+    panels = list(dict.fromkeys((row["problem"], row["forward_error"]) for row in rows
+                                if row["forward_error"] != "none"))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     colors = {"dfm": "tab:red", "deterministic": "tab:blue", "oracle": "tab:green"}
     for ax, (problem, kind) in zip(axes[0], panels):
@@ -231,16 +227,17 @@ PLOTS = {"finite": plot_finite, "forward": plot_forward, "contexts": plot_contex
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("study", choices=[*STUDIES, "all"], help="which study to run (all: the four, one after another)")
+    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("study", choices=[*STUDIES, "all"], help="which study to run (all: the four, one after "
+                        "another)")
     parser.add_argument("--small", action="store_true", help="the student setting: fewer levels and SMALL_BUDGET "
                         "(default: the full setting, BUDGET)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and of the held-out contexts, "
                         "in [0, 2^30) (default: 0)")
     parser.add_argument("--out", help="folder for the runs, reused when found (default: out/studies, "
                         "or out/studies-small with --small)")
-    parser.add_argument("--save", help="folder for <study>.png and <study>.json (default: --out; the README's "
+    parser.add_argument("--save", help="folder for <study>.png and <study>.json (default: --out; RESULTS.md's "
                         "and the notebook's are in assets/studies)")
     parser.add_argument("--steps", type=int, help="training steps of every run, overriding the budget; for "
                         "trying the machinery (default: the budget's)")
@@ -264,8 +261,9 @@ def main():
             sys.exit(2)
         setting = dict(small=args.small, seed=args.seed, budget=SMALL_BUDGET if args.small else BUDGET,
                        steps=args.steps, tiny=args.tiny)
-        with open(os.path.join(args.save, f"{name}.json"), "w") as f:
-            json.dump(dict(study=name, setting=setting, rows=rows), f, indent=1)
+        bench.write_json(dict(study=name, command="python -m experiments.study " + " ".join(sys.argv[1:]),
+                              machine=bench.machine(), setting=setting, rows=rows),
+                         os.path.join(args.save, f"{name}.json"))
         PLOTS[name](rows, os.path.join(args.save, f"{name}.png"))
         print(f"\n## {name}: {title}")
         print(table(rows, varied))

@@ -4,8 +4,8 @@
 
 Full mode unless DFM_FAST=1 is set. For every code cell it prints the wall time and the kernel's
 CPU time, its own and that of the subprocesses it waited for. With one thread the CPU time is
-about what the cell takes on an idle core, so it is the number to quote when the machine is busy
-(the README's notebook list). The notebook file is not changed.
+about what the cell takes on an idle core, so it is the number to quote when the machine is busy.
+The notebook file is not changed.
 """
 import argparse
 import os
@@ -21,8 +21,8 @@ CPU_SECONDS = ("import resource as _r\n"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="python notebooks/time_notebook.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("notebook", help="the .ipynb file to run; it runs in its own folder, as Jupyter would")
     parser.add_argument("--timeout", type=int, default=7200, help="seconds one cell may take (default: 7200)")
     args = parser.parse_args()
@@ -51,8 +51,9 @@ def main():
                   flush=True)
             before = now
     wall, cpu = time.time() - start, before - cpu_start
-    print(f"{name}: wall {wall / 60:.1f} min, cpu {cpu / 60:.1f} min ({'fast' if os.environ.get('DFM_FAST') == '1' else 'full'} "
-          f"mode, load average {min(load, default=0):.1f} to {max(load, default=0):.1f})")
+    mode = "fast" if os.environ.get("DFM_FAST") == "1" else "full"
+    print(f"{name}: wall {wall / 60:.1f} min, cpu {cpu / 60:.1f} min ({mode} mode, load average "
+          f"{min(load, default=0):.1f} to {max(load, default=0):.1f})")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import types
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,9 +29,8 @@ import torch
 from tqdm import tqdm
 
 import dfm
-from toy_problems import metrics
 import toy_problems
-from toy_problems import scenes3d, scenes3d_eval
+from toy_problems import metrics, scenes3d, scenes3d_eval
 from posed_images.formats import READERS, bad, check_files, load_frames, read_co3d, read_co3d_annotations, read_cameras
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "multiview")  # decoded, resized images
@@ -44,13 +42,13 @@ class Format:
     near: float  # every ray is rendered from near to far, measured from its camera
     far: float
     depth: float  # a typical distance from the cameras to the scene: the field encodes depths relative to it
-    mean_depth: float = 0.0  # > 0: each sequence is scaled so that its cameras' mean depth of their look-at point is this
+    mean_depth: float = 0.0  # > 0: each sequence is scaled to this mean depth of its cameras' look-at point
 
 
 FORMATS = {
     "re10k": Format(near=0.7, far=10.0, depth=2.6),  # the authors' bounds; poses as recorded; depth sqrt(near * far)
     "co3d": Format(near=0.5, far=40.0, depth=10.0, mean_depth=10.0),  # the authors' bounds and scale
-    "blender": Format(near=2.0, far=6.0, depth=4.0),  # NeRF's bounds for its synthetic scenes (cameras 4 from the centre)
+    "blender": Format(near=2.0, far=6.0, depth=4.0),  # NeRF's bounds for its synthetic scenes (cameras 4 away)
 }
 
 
@@ -120,7 +118,8 @@ def find_co3d(path, progress):
     elif os.path.isfile(os.path.join(path, "frame_annotations.jgz")):  # a category
         jobs = [(path, None, None)]
     else:  # a root of categories
-        jobs = [(os.path.dirname(f), None, None) for f in sorted(glob.glob(os.path.join(path, "*", "frame_annotations.jgz")))]
+        found = sorted(glob.glob(os.path.join(path, "*", "frame_annotations.jgz")))
+        jobs = [(os.path.dirname(f), None, None) for f in found]
     if not jobs:
         raise FileNotFoundError(f"{path}: no frame_annotations.jgz in it, beside it or in its subfolders")
     sequences = []
@@ -167,7 +166,8 @@ class SceneSet:
         the list (rank), so that processes of one run share the work; a cache file appears atomically."""
         self.files = [self.cache_file(s) for s in self.sequences]
         start = rank * len(self.files) // int(os.environ.get("WORLD_SIZE", 1))  # under torchrun, a share each
-        todo = [i for i in list(range(start, len(self.files))) + list(range(start)) if not os.path.exists(self.files[i])]
+        order = list(range(start, len(self.files))) + list(range(start))
+        todo = [i for i in order if not os.path.exists(self.files[i])]
         jobs = torch.utils.data.DataLoader(_CacheJobs(self, todo), batch_size=None, num_workers=workers)
         for error in tqdm(jobs, total=len(todo), desc=f"caching images at {self.size}x{self.size}",
                           disable=not progress or not todo):
@@ -208,7 +208,8 @@ class SceneSet:
         which = torch.randint(len(self.sequences), (batch_size,), generator=generator)  # (B,)
         frames = torch.tensor([self.pick_frames(len(self.sequences[i]["files"]), generator,
                                                 self.sequences[i].get("context")) for i in which.tolist()])  # (B, 3)
-        obs, c2w, K = (torch.stack(x) for x in zip(*[self.example(i, f.tolist()) for i, f in zip(which.tolist(), frames)]))
+        examples = [self.example(i, f.tolist()) for i, f in zip(which.tolist(), frames)]
+        obs, c2w, K = (torch.stack(x) for x in zip(*examples))  # (B, 3, 3, S, S), (B, 3, 4, 4), (B, 3, 3, 3)
         params = lambda v: {"c2w": c2w[:, v], "K": K[:, v]}  # noqa: E731
         batch = dict(ctxt_obs=obs[:, :1], ctxt_params={"c2w": c2w[:, :1], "K": K[:, :1]},
                      trgt_obs=obs[:, 1], trgt_params=params(1), novel_obs=obs[:, 2], novel_params=params(2),
@@ -259,10 +260,12 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def setting_for(name, format):
-    """scenes3d's setting `name` (its image size and networks) for a format's scenes: rays between the format's
-    near and far, depths encoded relative to its typical depth (the setting's world.cam_dist)."""
+    """scenes3d's setting `name` (its image size and networks) for a format's scenes: rays from the format's near
+    to its far, rendered depths mapped to [0, 1] over that range, and points encoded relative to its typical
+    depth (the setting's world.cam_dist)."""
     base, fmt = scenes3d.SETTINGS[name], FORMATS[format]
-    return replace(base, world=replace(base.world, cam_dist=fmt.depth), bounds=(fmt.near, fmt.far))
+    return replace(base, world=replace(base.world, cam_dist=fmt.depth), box=None, near_far=(fmt.near, fmt.far),
+                   depth_range=(fmt.near, fmt.far))
 
 
 def problem(name, data, format, frame_window=0, workers=0, progress=True):
@@ -293,23 +296,10 @@ def problem(name, data, format, frame_window=0, workers=0, progress=True):
         set on disk has no held-out scenes unless you point --data at one)."""
         return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device)
 
-    evaluate_here = functools.partial(evaluate, held_out_batch=held_out_batch)
-    return types.SimpleNamespace(
-        NAME=name, SETTING=setting, TRAIN_DEFAULTS=scenes3d.TRAIN_DEFAULTS[name], forward=scenes3d.forward,
-        obs_loss=functools.partial(scenes3d.obs_loss, setting=setting), sample_batch=sample_batch, loader=loader,
-        held_out_batch=held_out_batch, make_denoiser=functools.partial(scenes3d.make_denoiser, setting=setting),
-        evaluate=evaluate_here, plot=functools.partial(plot, held_out_batch=held_out_batch),
-        animate=functools.partial(animate, held_out_batch=held_out_batch))
-
-
-@torch.no_grad()
-def sample_fields(model, batch, n_samples, generator, steps=50, **sample_kwargs):
-    """n_samples sampled scenes per context, aimed at its target camera: one batched signal (B * n)."""
-    model.eval()
-    repeat = functools.partial(dfm.repeat_batch, n=n_samples)
-    signal, _ = model.sample(repeat(batch["ctxt_obs"]), repeat(batch["ctxt_params"]), repeat(batch["trgt_params"]),
-                             steps=steps, generator=generator, obs_shape=batch["trgt_obs"].shape[1:], **sample_kwargs)
-    return signal
+    return scenes3d.make_problem(name, setting, sample_batch=sample_batch, loader=loader, held_out_batch=held_out_batch,
+                                 evaluate=functools.partial(evaluate, held_out_batch=held_out_batch),
+                                 plot=functools.partial(plot, held_out_batch=held_out_batch),
+                                 animate=functools.partial(animate, held_out_batch=held_out_batch))
 
 
 def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=None, **sample_kwargs):
@@ -318,12 +308,13 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=
     the target camera, a nearby frame (against that frame: pixel scores, which the conditional mean wins)."""
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
-    signal = sample_fields(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps,
-                           **sample_kwargs)
+    signal = dfm.sample_signals(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps,
+                                **sample_kwargs)  # aimed at each example's target camera: B * n fields
     lpips_model, _ = metrics.load_lpips()
     scores = {}
     with torch.no_grad():
-        for view, obs, params in (("context", batch["ctxt_obs"][:, 0], dfm.map_batch(lambda v: v[:, 0], batch["ctxt_params"])),
+        context_params = dfm.map_batch(lambda v: v[:, 0], batch["ctxt_params"])
+        for view, obs, params in (("context", batch["ctxt_obs"][:, 0], context_params),
                                   ("near", batch["trgt_obs"], batch["trgt_params"])):
             rendered = scenes3d.forward(signal, dfm.repeat_batch(params, n_samples))  # (B * n, 3, H, W)
             truth = obs.repeat_interleave(n_samples, dim=0)
@@ -345,8 +336,9 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None,
     batch = held_out_batch(n_contexts, seed, device)
     columns = [("context", batch["ctxt_obs"][:, 0]), ("target frame", batch["trgt_obs"])]
     for m, n in [(model, n_samples)] + ([(compare, 1)] if compare is not None else []):
-        signal = sample_fields(m, batch, n, torch.Generator(device=device).manual_seed(seed), steps)
-        views = scenes3d.forward(signal, dfm.repeat_batch(batch["trgt_params"], n)).view(n_contexts, n, *batch["trgt_obs"].shape[1:])
+        signal = dfm.sample_signals(m, batch, n, torch.Generator(device=device).manual_seed(seed), steps)
+        views = scenes3d.forward(signal, dfm.repeat_batch(batch["trgt_params"], n))
+        views = views.view(n_contexts, n, *batch["trgt_obs"].shape[1:])  # (B, n, 3, S, S)
         columns += [(f"{m.kind} {i + 1}" if n > 1 else m.kind, views[:, i]) for i in range(n)]
     fig, axes = plt.subplots(n_contexts, len(columns), figsize=(1.2 * len(columns), 1.3 * n_contexts), squeeze=False)
     for j, (name, images) in enumerate(columns):
@@ -381,7 +373,7 @@ def orbit_gif(model, batch, path, orbit, n_samples=3, steps=50, seed=0):
     device = batch["ctxt_obs"].device
     orbit = dfm.map_batch(lambda v: v.to(device), orbit)
     batch = {**batch, "trgt_obs": batch["ctxt_obs"][:, 0]}  # only its shape is used
-    signal = sample_fields(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
+    signal = dfm.sample_signals(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
     panels = [(f"{model.kind} {i + 1}", scenes3d_eval.orbit_frames(signal, i, orbit)) for i in range(n_samples)]
     scenes3d_eval.save_gif(panels, path, still=("context", batch["ctxt_obs"][0, 0]))
 

@@ -165,7 +165,8 @@ def read_blender(path):
             meta = json.load(f)
         angle, frames = float(meta["camera_angle_x"]), meta["frames"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise bad(path, "expected JSON with camera_angle_x and a list of frames (file_path, transform_matrix)") from None
+        raise bad(path, "expected JSON with camera_angle_x and a list of frames "
+                        "(file_path, transform_matrix)") from None
     if not frames:
         raise bad(path, "has no frames")
     folder = os.path.dirname(path)

@@ -28,14 +28,14 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from posed_images import formats
+import dfm
 import render
-from toy_problems import scenes3d_world as world_lib
+from posed_images import formats
+from toy_problems import metrics, scenes3d, scenes3d_world as world_lib
 
 PYVISTA = "pyvista==0.49.1"
 MESHES = ("airplane", "ant", "nut")  # pyvista/examples/<name>.ply in its wheel
@@ -44,7 +44,6 @@ PALETTE = world_lib.WORLD.palette  # the toy's four colours
 LIGHT = F.normalize(torch.tensor(world_lib.WORLD.light), dim=0)  # a fixed light, from above
 AMBIENT = world_lib.WORLD.ambient
 CAM_DIST, HALF_FOV_DEG = 4.0, 15.0  # the object (radius <= 1) fills most of the image
-FAR_SIDE_DEG = (180.0, 150.0, 210.0)  # the test cameras: azimuths from the context camera's
 MIN_HIDDEN = 8  # scenes are scored when straight opposite shows this many hidden pixels (thin sheets, seen from
                 # both sides, have hardly any hidden part)
 
@@ -85,7 +84,8 @@ def read_ply(data):
                         row.append([float(x) for x in tokens[pos + 1:pos + 1 + n]])
                         pos += 1 + n
                     else:
-                        (n,), pos = struct.unpack_from("<" + types[prop[1]], body, pos), pos + struct.calcsize(types[prop[1]])
+                        (n,) = struct.unpack_from("<" + types[prop[1]], body, pos)
+                        pos += struct.calcsize(types[prop[1]])
                         size = struct.calcsize(types[prop[2]])
                         row.append(list(struct.unpack_from(f"<{n}{types[prop[2]]}", body, pos)))
                         pos += n * size
@@ -237,7 +237,7 @@ def write_scene(folder, vertices, faces, n_views, size, generator):
     views = [(ctxt_az, 25.0)] + [(360 * torch.rand((), generator=generator).item(),
                                   10 + 40 * torch.rand((), generator=generator).item()) for _ in range(n_views - 1)]
     ctxt_c2w, ctxt_K = camera(*views[0], size)
-    for split, angles in (("train", views), ("test", [(ctxt_az + d, 25.0) for d in FAR_SIDE_DEG])):
+    for split, angles in (("train", views), ("test", [(ctxt_az + d, 25.0) for d in world_lib.FAR_SIDE_DEG])):
         c2w, K, images, alpha, renders, hidden = [], [], [], [], [], []
         for az, el in angles:
             pose, k = camera(az, el, size)
@@ -271,64 +271,64 @@ def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=T
 
 @torch.no_grad()
 def hidden_scores(model, data, n_scenes=8, n_samples=16, steps=50, seed=0, threshold=world_lib.SHARP_RMSE):
-    """How well a model's samples get the hidden colour of the first n_scenes scenes of a built set `data`.
+    """How well a model's samples get the hidden colour of the first n_scenes scenes of a built set `data`,
+    scored as the toy's back colours are (scenes3d_world.hidden_colour_scores).
 
     Scenes whose straight-opposite view shows fewer than MIN_HIDDEN hidden pixels are passed over. Samples
-    aim at the far-side camera (where the hidden part is in view); each is rendered at the three far
-    cameras and classified as the palette colour whose exact render is nearest on the hidden pixels.
-    Returns hidden_tv (total variation between each scene's histogram of sampled colours and the exact
-    uniform, from straight opposite), hidden_tv_floor (what exact samples score), sharp (the fraction of
-    samples within RMSE threshold of one palette render), consistent (how often the 150 and 210 degree views
-    of a sample agree), psnr_context (the render at the context camera) and scenes, how many were scored."""
-    from toy_problems import metrics
-    from posed_images.dataset import sample_fields
-    from toy_problems import scenes3d
+    aim at the far-side camera straight opposite (where the hidden part is in view); each is rendered at the
+    three far cameras (scenes3d_world.FAR_SIDE_DEG) and classified as the palette colour whose exact render
+    is nearest on the hidden pixels. Returns hidden_tv (total variation between each scene's histogram of
+    sampled colours and the exact uniform, from straight opposite), hidden_tv_floor (what exact samples
+    score), sharp (the fraction of samples within RMSE threshold of one palette render), consistent (how
+    often the 150 and 210 degree views of a sample agree), psnr_context (the render at the context camera)
+    and scenes, how many were scored."""
     device, size = next(model.parameters()).device, model.denoiser.setting.world.size
-    scenes = []
+    names = []
     for name in sorted(os.listdir(data)):
         path = os.path.join(data, name, "posterior.pt")
-        if len(scenes) < n_scenes and os.path.isfile(path):
+        if len(names) < n_scenes and os.path.isfile(path):
             hidden = torch.load(path, weights_only=True)["hidden"]
             if hidden.shape[-1] != size:
                 raise ValueError(f"{path}: the set was built at {hidden.shape[-1]}x{hidden.shape[-1]}, the model "
                                  f"renders {size}x{size}; build it with --size {size}")
             if hidden[0].sum() >= MIN_HIDDEN:
-                scenes.append(name)
-    if not scenes:
-        raise ValueError(f"{data}: no scene built by posed_images/meshes.py with at least {MIN_HIDDEN} hidden pixels in view")
-    tv, sharp, agree, psnr = [], [], [], []
-    for k, name in enumerate(scenes):
+                names.append(name)
+    if not names:
+        raise ValueError(f"{data}: no scene built by posed_images/meshes.py with at least {MIN_HIDDEN} hidden pixels "
+                         "in view")
+    contexts, far, posteriors = [], [], []
+    for name in names:
         folder = os.path.join(data, name)
         train = formats.load_scene(os.path.join(folder, "transforms_train.json"), "blender", size)
         test = formats.load_scene(os.path.join(folder, "transforms_test.json"), "blender", size)
-        posterior = torch.load(os.path.join(folder, "posterior.pt"), weights_only=True)
-        to_context = torch.linalg.inv(train["c2w"][0])  # poses relative to the context camera, as in training
-        far = {"c2w": to_context @ test["c2w"], "K": test["K"]}  # (3, 4, 4), (3, 3, 3)
-        batch = {"ctxt_obs": train["images"][:1, None], "ctxt_params": {"c2w": torch.eye(4)[None, None],
-                 "K": train["K"][:1, None]}, "trgt_obs": test["images"][:1], "trgt_params": {k: v[:1] for k, v in far.items()}}
-        batch = {key: ({k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value.to(device))
-                 for key, value in batch.items()}
-        signal = sample_fields(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed + k), steps)
-        nearest = []
-        for v in range(3):
-            views = scenes3d.forward(signal, {key: x[v:v + 1].expand(n_samples, *x.shape[1:]).to(device)
-                                              for key, x in far.items()})  # (n, 3, S, S)
-            keep = posterior["hidden"][v].to(device).float()
-            err = (((views[:, None] - posterior["palette_renders"][v].to(device)[None]) ** 2).mean(2) * keep).sum((-2, -1))
-            best, index = (err / keep.sum().clamp(min=1)).min(dim=1)  # (n,)
-            nearest.append(index)
-            if v == 0:
-                hist = F.one_hot(index, len(PALETTE)).float().mean(0)
-                tv.append(0.5 * (hist - 1 / len(PALETTE)).abs().sum().item())
-                sharp.append((best.sqrt() < threshold).float().mean().item())
-        agree.append((nearest[1] == nearest[2]).float().mean().item())
-        context = scenes3d.forward(signal, {"c2w": torch.eye(4, device=device).expand(n_samples, 4, 4),
-                                            "K": batch["ctxt_params"]["K"][0].expand(n_samples, 3, 3)})
-        psnr.append(metrics.psnr(context, batch["ctxt_obs"][0].expand_as(context)).mean().item())
-    mean = lambda x: sum(x) / len(x)  # noqa: E731
-    floor = world_lib.hidden_floor(n_samples, len(scenes), torch.Generator().manual_seed(seed), len(PALETTE))
-    return {"hidden_tv": mean(tv), "hidden_tv_floor": floor, "sharp": mean(sharp), "consistent": mean(agree),
-            "psnr_context": mean(psnr), "scenes": len(scenes)}
+        contexts.append((train["images"][0], train["K"][0]))
+        # poses relative to the context camera, as in training: c2w (3, 4, 4), K (3, 3, 3), one per far camera
+        far.append({"c2w": torch.linalg.inv(train["c2w"][0]) @ test["c2w"], "K": test["K"]})
+        posteriors.append(torch.load(os.path.join(folder, "posterior.pt"), weights_only=True))
+    B, n = len(names), n_samples
+    ctxt_K = torch.stack([K for _, K in contexts])  # (B, 3, 3)
+    batch = {"ctxt_obs": torch.stack([image for image, _ in contexts])[:, None],  # (B, 1, 3, S, S)
+             "ctxt_params": {"c2w": torch.eye(4).expand(B, 1, 4, 4), "K": ctxt_K[:, None]},
+             "trgt_obs": torch.zeros(B, 3, size, size),  # only its shape is used
+             "trgt_params": {k: torch.stack([f[k][0] for f in far]) for k in ("c2w", "K")}}  # straight opposite
+    batch = dfm.map_batch(lambda v: v.to(device), batch)
+    signal = dfm.sample_signals(model, batch, n, torch.Generator(device=device).manual_seed(seed), steps)  # B * n
+    scores = []
+    for v in range(len(world_lib.FAR_SIDE_DEG)):
+        params = {k: torch.stack([f[k][v] for f in far]).to(device) for k in ("c2w", "K")}  # (B, ...)
+        views = scenes3d.forward(signal, dfm.repeat_batch(params, n)).view(B, n, 3, size, size)
+        keep = torch.stack([p["hidden"][v] for p in posteriors])[:, None].to(device)  # (B, 1, S, S)
+        colours = torch.stack([p["palette_renders"][v] for p in posteriors]).to(device)  # (B, K, 3, S, S)
+        scores.append(world_lib.hidden_colour_scores(views, keep, colours, threshold))
+    both = scores[1]["valid"] & scores[2]["valid"]  # (B, 1)
+    agree = (scores[1]["nearest"] == scores[2]["nearest"]).float()  # (B, n, 1)
+    identity = {"c2w": torch.eye(4, device=device).expand(B * n, 4, 4), "K": ctxt_K.to(device).repeat_interleave(n, 0)}
+    context = scenes3d.forward(signal, identity)  # (B * n, 3, S, S)
+    floor = world_lib.hidden_floor(n, B, torch.Generator().manual_seed(seed), len(PALETTE))
+    return {"hidden_tv": scores[0]["tv"], "hidden_tv_floor": floor, "sharp": scores[0]["sharp"],
+            "consistent": (agree * both[:, None]).sum().item() / max(1, n * both.sum().item()),
+            "psnr_context": metrics.psnr(context, batch["ctxt_obs"][:, 0].repeat_interleave(n, 0)).mean().item(),
+            "scenes": B}
 
 
 def main():

@@ -297,9 +297,9 @@ class Image1d(nn.Module):
 
 
 def render_pixels(signal, params, pixels=None):
-    """obs = 2 * signal (B, 2, 5); with pixels (B, P) only those pixels (B, 2, P)."""
+    """obs = 2 * signal (B, 2, 5); with pixels (B, P) only those pixels (B, 2, P), and no extras."""
     obs = 2 * signal
-    return obs if pixels is None else dfm.select_pixels(obs, pixels)
+    return obs if pixels is None else (dfm.select_pixels(obs, pixels), None)
 
 
 def image_batch(B=3):
@@ -340,7 +340,7 @@ def test_the_loss_is_pluggable_and_a_denoiser_adds_its_own_terms():
     class WithAux(Image1d):
         scale = nn.Parameter(torch.tensor(1.0))
 
-        def aux_loss(self, signal, trgt_obs, trgt_params):
+        def aux_loss(self, signal, trgt_obs, trgt_params, pixels, extras):
             seen["shapes"] = (signal.shape, trgt_obs.shape)
             return 10.0 * self.scale ** 2  # gradient 20 * scale reaches this parameter only through the aux term
 

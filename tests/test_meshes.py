@@ -13,6 +13,7 @@ from posed_images import meshes
 from posed_images import formats
 import render
 from test_scenes3d import TINY, tiny_model
+from toy_problems import scenes3d_world as world_lib
 
 CUBE_VERTICES = torch.tensor([[x, y, z] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
 CUBE_QUADS = [[0, 1, 3, 2], [4, 6, 7, 5], [0, 4, 5, 1], [2, 3, 7, 6], [0, 2, 6, 4], [1, 5, 7, 3]]
@@ -90,6 +91,10 @@ def test_a_scene_is_written_as_nerf_synthetic_and_read_back_with_its_exact_poste
             assert (meshes.paint(shade, part, seen, hidden) - image).abs().max() <= 1 / 127.5 + 1e-4
     assert torch.allclose(posterior["palette_renders"][:, hidden], test["images"], atol=1 / 127.5 + 1e-4)
     assert posterior["hidden"].shape == (3, 16, 16) and posterior["hidden"][0].sum() > 0
+    # scored as the toy's back colours are: the true far view is its own hidden colour, sharply
+    scores = world_lib.hidden_colour_scores(test["images"][:1, None], posterior["hidden"][:1, None],
+                                            posterior["palette_renders"][:1])
+    assert scores["nearest"].item() == hidden and scores["sharp"] == 1 and scores["tv"] == 0.75
     assert json_context(tmp_path / "scene" / "transforms_train.json") == 0  # training always uses frame 0 as context
 
 
@@ -113,7 +118,8 @@ def test_the_registry_meshes_are_never_fetched_in_tests_and_read_when_cached(tmp
     with pytest.raises(RuntimeError, match="DFM_NO_DOWNLOAD=1 forbids fetching"):
         meshes.fetch_meshes(str(tmp_path))
     if not all(os.path.exists(os.path.join(meshes.DEFAULT_CACHE, f"{n}.ply")) for n in meshes.MESHES):
-        pytest.skip(f"pyvista's meshes are not cached in {meshes.DEFAULT_CACHE} (python -m posed_images.meshes fetches them)")
+        pytest.skip(f"pyvista's meshes are not cached in {meshes.DEFAULT_CACHE} "
+                    "(python -m posed_images.meshes fetches them)")
     found = meshes.fetch_meshes()
     assert {n: tuple(f.shape) for n, (_, f) in found.items()} == {"airplane": (2452, 3), "ant": (912, 3),
                                                                  "nut": (1046, 3)}

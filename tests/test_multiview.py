@@ -123,9 +123,11 @@ def test_co3d_reads_pytorch3d_cameras_as_the_guide_gives_them(tmp_path):
     scene = formats.load_scene(str(tmp_path / "cat" / "s"), "co3d")
     w2c = torch.linalg.inv(scene["c2w"][0])
     flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
-    assert torch.allclose(w2c[:3, :3], flip @ torch.tensor(R).T) and torch.allclose(w2c[:3, 3], flip @ torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.allclose(w2c[:3, :3], flip @ torch.tensor(R).T)
+    assert torch.allclose(w2c[:3, 3], flip @ torch.tensor([1.0, 2.0, 3.0]))
     s = min(H, W) / 2
-    expected = torch.tensor([[2.0 * s / W, 0, (W / 2 - 0.1 * s) / W], [0, 2.5 * s / H, (H / 2 + 0.2 * s) / H], [0, 0, 1]])
+    expected = torch.tensor([[2.0 * s / W, 0, (W / 2 - 0.1 * s) / W], [0, 2.5 * s / H, (H / 2 + 0.2 * s) / H],
+                             [0, 0, 1]])
     assert torch.allclose(scene["K"][0], expected)
 
 

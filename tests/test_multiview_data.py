@@ -1,7 +1,6 @@
 """Training on posed images from disk: batches like scenes3d's from a written data set, scaled and
 bounded per format, cached, made ahead by DataLoader workers, and a short training run that learns."""
 import math
-import os
 
 import pytest
 import torch
@@ -54,7 +53,8 @@ def test_batches_are_posed_relative_to_the_context_scaled_and_reproduce_the_fram
                                               (b["novel_obs"][i], {k: v[i] for k, v in b["novel_params"].items()})]):
             unscaled = params["c2w"].clone()
             unscaled[:3, 3] /= scale
-            assert torch.allclose(world[frames[0]] @ unscaled, world[frames[view]], atol=1e-4)  # relative to the context
+            # relative to the context
+            assert torch.allclose(world[frames[0]] @ unscaled, world[frames[view]], atol=1e-4)
             looked_at = render.project(torch.tensor([[0.0, 0.0, 10.0]]), params["c2w"], params["K"])[0]
             assert torch.allclose(looked_at, torch.tensor([[0.5, 0.5]]), atol=1e-4)  # the target, at depth 10
             rendered, _ = render_known(world[frames[view]][None], params["K"][None], 32, 32)
@@ -70,7 +70,8 @@ def test_co3d_scenes_lie_inside_the_authors_bounds_and_rays_stop_at_them(co3d_se
     for i, (seq, frames) in enumerate(zip(b["sequence"].tolist(), b["frames"].tolist())):
         w2c0 = torch.linalg.inv(torch.as_tensor(data.sequences[seq]["c2w"][frames[0]])).float()
         centres = (known_scene()["center"][0] @ w2c0[:3, :3].T + w2c0[:3, 3]) * 10 / 2.8  # (M, 3) context frame, scaled
-        for params in ({k: v[i, 0] for k, v in b["ctxt_params"].items()}, {k: v[i] for k, v in b["trgt_params"].items()}):
+        context = {k: v[i, 0] for k, v in b["ctxt_params"].items()}
+        for params in (context, {k: v[i] for k, v in b["trgt_params"].items()}):
             depth = render.project(centres, params["c2w"], params["K"])[1]
             assert (depth > near).all() and (depth < far).all()
     # rays start at near and stop at far: a wall of fog closer than near or beyond far is never seen
@@ -80,7 +81,7 @@ def test_co3d_scenes_lie_inside_the_authors_bounds_and_rays_stop_at_them(co3d_se
             r = points.norm(dim=-1)
             sigma = 100.0 * ((r > lo) & (r < hi)).float()
             return sigma, torch.ones(*r.shape, 3), torch.zeros(*r.shape, setting.out_feat)
-        signal = {"field": fog, "setting": setting, "views": {}}
+        signal = scenes3d.Signal(fog, None, setting)
         params = {"c2w": torch.eye(4)[None], "K": torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1]])[None]}
         with torch.no_grad():
             obs = scenes3d.render_pixels(signal, params, uv=torch.tensor([[[0.5, 0.5]]]))["obs"]
@@ -127,16 +128,21 @@ def test_dataloader_workers_make_the_batches_the_training_steps_would_draw(co3d_
         assert all(torch.equal(batch[k], direct[k]) for k in ("trgt_obs", "pixels", "frames"))
 
 
-def test_a_short_training_run_on_a_written_data_set_lowers_the_loss(co3d_set, tmp_path, monkeypatch):
+def test_a_short_quiet_training_run_on_a_written_data_set_lowers_the_loss(co3d_set, tmp_path, monkeypatch, capsys):
     path, _ = co3d_set
     out = tmp_path / "run"
     monkeypatch.setattr("sys.argv", ["train.py", "--problem", "scenes3d", "--data", path, "--format", "co3d",
                                      "--frame-window", "3", "--steps", "30", "--batch-size", "4", "--lr", "2e-3",
                                      "--warmup", "1", "--workers", "1", "--out-dir", str(out), "--no-progress"])
     train.main()
+    err = capsys.readouterr().err
+    assert "indexing" not in err and "caching" not in err and "it/s" not in err  # --no-progress: no bar at all
     ckpt, cfg = train.load_checkpoint(str(out / "ckpt.pt"))
     assert (cfg.data, cfg.format, cfg.frame_window) == (path, "co3d", 3)
-    batch = train.load_problem(cfg).held_out_batch(8)
+    monkeypatch.setattr(dataset, "DEFAULT_CACHE", str(tmp_path / "another-cache"))
+    batch = train.load_problem(cfg).held_out_batch(8)  # the bars are on by default
+    err = capsys.readouterr().err
+    assert "indexing" in err and "caching images" in err
 
     def loss(state):
         torch.manual_seed(0)
@@ -170,12 +176,8 @@ def test_sample_py_samples_scenes_from_ones_own_image_and_scores_a_data_checkpoi
     from toy_problems import metrics
     import sample
     from PIL import Image
-    import dataclasses
-    from toy_problems import scenes3d
     monkeypatch.setattr(metrics, "load_lpips", lambda: (None, "LPIPS unavailable: not fetched in tests"))
-    monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", dataclasses.replace(  # tiny networks: quick on a CPU
-        scenes3d.SETTINGS["scenes3d"], ch=8, feat=8, width=16, out_feat=4, n_samples=4, n_importance=4, patch=6, cond_size=8))
-    path, _ = co3d_set
+    path, _ = co3d_set  # and tiny networks (TINY): quick on a CPU
     for name, extra in (("data", dict(data=path, format="co3d", workers=0)), ("toy", {})):
         cfg = config.make_config("scenes3d", steps=1, batch_size=2, out_dir=str(tmp_path / name), **extra)
         train.train(cfg, progress=False)
@@ -202,7 +204,8 @@ def test_sample_py_image_errors_are_one_line(tmp_path, monkeypatch, capsys, co3d
     for extra, message in [([], "--image needs a checkpoint of a 3D problem .* and --fov"),
                            (["--fov", "200"], r"--fov must be in \(0, 180\)"),
                            (["--fov", "50"], "not-an-image.png: not an image PIL can read")]:
-        monkeypatch.setattr("sys.argv", ["sample.py", str(tmp_path / "toy" / "ckpt.pt"), "--image", str(garbage)] + extra)
+        argv = ["sample.py", str(tmp_path / "toy" / "ckpt.pt"), "--image", str(garbage)] + extra
+        monkeypatch.setattr("sys.argv", argv)
         with pytest.raises(SystemExit) as exit:
             sample.main()
         err = capsys.readouterr().err.strip()

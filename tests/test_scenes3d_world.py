@@ -63,7 +63,7 @@ def test_cameras_look_at_their_target_with_opencv_axes():
 
 
 def test_everything_visible_is_inside_the_scene_box_and_in_view():
-    lo, hi = w.SCENE_BOX
+    lo, hi = (torch.tensor(corner) for corner in w.SCENE_BOX)
     corners = torch.tensor([[x, y, 0.0] for x in (-1, 1) for y in (-1, 1)])  # the ground square
     for world in (w.WORLD, w.WORLD2):
         top = 2 * max(world.radii)  # the highest point of any sphere; the lattice keeps them over the square

@@ -1,7 +1,7 @@
 """Toy forward-model problems whose exact posterior we know.
 
-Every problem is one module with the same parts, so that train.py, sample.py and experiments/bench.py
-treat them alike:
+Every problem is one module with the same parts, so that train.py, sample.py and the
+experiments treat them alike:
 
     TRAIN_DEFAULTS                       any fields of config.Config this problem sets differently
     sample_batch(batch_size, generator, device="cpu") -> dict of tensors:
@@ -15,6 +15,7 @@ treat them alike:
     exact_posterior(ctxt_obs, ctxt_params, n_samples, generator) -> (B, n_samples, *signal_shape)
     evaluate(model, seed=0, n_contexts=..., n_samples=..., steps=...) -> dict of scores
     plot(model, path, seed=0)          saves a PNG figure of samples against the exact posterior
+    obs_loss(pred, target) -> scalar   optional: the loss between rendered and real observations (default L2)
 (the model knows what it is: model.kind). Some problems also have the parts that the studies
 of experiments/study.py need:
     sample_batch(..., n_ctxt=k)           exactly k context views (train.py --contexts)
@@ -22,6 +23,8 @@ of experiments/study.py need:
                                          a fixed, finite data set (train.py --signals, --views)
     FORWARD_ERRORS, forward_with_error(kind, size)
                                          a forward model that differs from the data's (train.py --forward-error)
+and gp1d has the Bayes-optimal denoiser in closed form, which experiments/diagnose.py uses:
+    exact_denoiser(ctxt_obs, ctxt_params, trgt_params=None) -> x0(x_t, abar) = E[target | x_t, context]
 
 Random streams. Training step k on process r of a run with seed s draws its data from
 train_generator(s, k, r); evaluation draws from held_out_generator(s), and a fixed, finite

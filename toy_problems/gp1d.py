@@ -271,6 +271,38 @@ def exact_posterior(ctxt_obs, ctxt_params, n_samples, generator):
     return torch.stack(samples).float().to(ctxt_obs.device)
 
 
+def exact_denoiser(ctxt_obs, ctxt_params, trgt_params=None):
+    """The Bayes-optimal denoiser in closed form, x0(x_t, abar) = E[O | x_t, context], for O the target window
+    (trgt_params (B, 1)) or, without trgt_params, the whole signal; x_t (B, W) or (B, N), abar (B,).
+
+    Given the context, O is a mixture of two Gaussians N(m_k, C_k) with weights w_k (exact_posterior_mixture),
+    so given x_t = a O + s eps (a = sqrt(abar), s^2 = 1 - abar) as well it is one too: component k has weight
+    proportional to w_k N(x_t; a m_k, a^2 C_k + s^2 I) and mean m_k + a C_k (a^2 C_k + s^2 I)^-1 (x_t - a m_k).
+    """
+    B = ctxt_obs.shape[0]
+    weights, means, covs = [], [], []
+    for b in range(B):
+        part = slice(int(trgt_params[b, 0]), int(trgt_params[b, 0]) + W) if trgt_params is not None else slice(0, N)
+        mixture = exact_posterior_mixture(ctxt_obs[b], ctxt_params[b])
+        weights.append(torch.tensor([w for w, _, _ in mixture], dtype=torch.float64))
+        means.append(torch.stack([m[part] for _, m, _ in mixture]))
+        covs.append(torch.stack([c[part, part] for _, _, c in mixture]))
+    log_w, m, C = torch.stack(weights).clamp(min=1e-300).log(), torch.stack(means), torch.stack(covs)  # (B, K, D..)
+    eye = torch.eye(m.shape[-1], dtype=torch.float64)
+
+    def x0(x_t, abar):
+        a = abar.double().cpu().sqrt().view(B, 1, 1, 1)
+        chol = torch.linalg.cholesky(a ** 2 * C + (1 - a ** 2) * eye)  # (B, K, D, D)
+        resid = x_t.double().cpu()[:, None, :, None] - a * m[..., None]  # (B, K, D, 1)
+        alpha = torch.cholesky_solve(resid, chol)  # (a^2 C + s^2 I)^-1 (x_t - a m)
+        log_lik = -0.5 * (resid * alpha).sum((-2, -1)) - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (B, K)
+        p = torch.softmax(log_w + log_lik, dim=1)  # p(k | x_t, context)
+        mean_k = m + a[..., 0] * (C @ alpha)[..., 0]  # (B, K, D)
+        return (p[..., None] * mean_k).sum(1).to(x_t)
+
+    return x0
+
+
 # -----------------------------------------------------------------------------
 # Scores and pictures
 

@@ -4,31 +4,33 @@ The world (scenes3d_world.py) is a sphere on a ground square whose back half, ne
 the context camera, has a colour drawn uniformly from a palette: one image fixes everything
 but that colour, so a correct model samples each palette colour for the back equally often.
 
-The model follows the authors' design (README "3D scenes"):
+The model follows the authors' design (RESULTS.md, "3D scenes from one image"):
 - An image encoder (a small UNet, pixel-unshuffled to half resolution) gives per-pixel
   features of each context view (at t = 0) and of the noisy target (at t). Before the target is
   encoded, a *context-only* field is rendered at the target camera (RGB, normalised depth,
   features) and concatenated to it: the 3D-structured conditioning.
-- The signal is a pixel-aligned radiance field: a 3D point is projected into every view with
-  render.lookup, the features found there are combined with a positional encoding of the
-  point in that camera's frame, modulated by the view's timestep (FiLM), mean-pooled over the
-  views that see it and decoded into density, colour and a small feature vector.
-- forward(signal, camera) volume-renders that field with render.py: rays clipped to the scene
-  box, stratified samples plus importance samples, the coarse pass without gradients. During
-  training only one random patch per target and novel view is rendered (`pixels`), which is
-  what keeps the memory small.
-- Extra loss terms, added by the denoiser's aux_loss: the conditioning render's own L2 on a
-  random patch of the target, and an edge-aware smoothness of the rendered depth.
+- The signal (Signal) is a pixel-aligned radiance field: a 3D point is projected into every view
+  with render.lookup, the features found there are combined with a positional encoding of the
+  point in that camera's frame, modulated by the view's timestep (FiLM), pooled over the views
+  that see it and decoded into density, colour and a small feature vector.
+- forward(signal, camera) volume-renders that field with render.py: rays start and stop at the
+  setting's bounds, stratified samples plus importance samples, the coarse pass without
+  gradients. During training only one random patch per target and novel view is rendered
+  (`pixels`), which is what keeps the memory small; the patch's depth comes back with it.
+- Extra loss terms, the denoiser's aux_loss: the context-only field's own L2 on a random patch of
+  the target, and an edge-aware smoothness of the depth of the target's rendered patch.
 The comparison model is dfm.Deterministic with the same networks (pixelNeRF-style). There is
 no oracle: the signal is a field computed by the networks, not something the data hold.
 
 Problem names: "scenes3d" (32x32, one sphere, sized for a laptop CPU), "scenes3d-64" and
 "scenes3d-128" (larger networks, two spheres, for GPUs). The modules depend one way: the world
 (scenes3d_world.py), then this model, then the protocol with its scores and pictures
-(scenes3d_eval.py, whose problem(name) is what toy_problems.load returns).
+(scenes3d_eval.py, whose problem(name) is what toy_problems.load returns). make_problem builds
+the protocol for the toy's scenes and for posed images on disk (posed_images/dataset.py) alike.
 """
 import functools
 import math
+import types
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,15 +38,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dfm
-from toy_problems import metrics
 import render
 import toy_problems
-from toy_problems import scenes3d_world as world_lib
+from toy_problems import metrics, scenes3d_world as world_lib
 
 
 @dataclass(frozen=True)
 class Setting:
-    """Sizes of the world and the networks for one problem name."""
+    """The world, the networks' sizes and how rays are rendered, for one problem name (posed images on disk
+    have settings of their own: posed_images/dataset.setting_for)."""
     world: world_lib.World = world_lib.WORLD
     ch: int = 32  # encoder width
     feat: int = 32  # F, per-pixel feature channels of the encoders
@@ -56,7 +58,9 @@ class Setting:
     cond_size: int = 16  # the conditioning render's side (rendered without gradients, then upsampled)
     depth_smooth: float = 0.002  # weight of the edge-aware depth smoothness
     lpips: float = 0.0  # weight of LPIPS on the patches when its real weights load (0.2 on CO3D in the paper)
-    bounds: tuple = None  # (near, far) along every ray, for posed images on disk (posed_images/formats.py); None: the toy's scene box
+    box: tuple = world_lib.SCENE_BOX  # rays start and stop where they cross this box (lo, hi): the toy's scene
+    near_far: tuple = None  # or (near, far) along every ray, for posed images on disk (posed_images/dataset.py)
+    depth_range: tuple = (1.3, 4.3)  # (lo, hi) depths along a ray mapped to [0, 1]: the toy's box, cam_dist -+ 1.5
 
 
 SETTINGS = {
@@ -87,8 +91,8 @@ def sample_batch(batch_size, generator, device="cpu", setting=SETTINGS["scenes3d
     one patch of the target and of the novel view for the loss.
 
     The hidden halves are a small part of a random view (about 5 % of a random patch), too little
-    for the model to learn to commit to a colour there (README, 3D scenes). So, chosen from the
-    geometry and never from the colours, which leaves the objective's optimum where it was:
+    for the model to learn to commit to a colour there (RESULTS.md, 3D scenes). So, chosen from the
+    geometry and never from the colours, so that the optimum of the objective stays the posterior:
     FAR_TARGETS of the target cameras lie on the far half of the ring (azimuth opposite the
     context +- 90 degrees), the rest and every novel camera anywhere on the ring; and
     ON_SPHERE_PATCHES of the patches are centred on a sphere's projected centre (jittered), the
@@ -147,6 +151,32 @@ def held_out_batch(n_contexts, seed=0, device="cpu", setting=SETTINGS["scenes3d"
 
 
 # -----------------------------------------------------------------------------
+# The signal: a field over views
+
+
+@dataclass
+class Views:
+    """The views a field is computed from: each view's pixel-aligned features, camera and timestep."""
+    feats: torch.Tensor  # (B, V, F, h, w)
+    c2w: torch.Tensor  # (B, V, 4, 4)
+    K: torch.Tensor  # (B, V, 3, 3)
+    t: torch.Tensor  # (B, V), 0 for a context view
+
+    def map(self, fn):
+        """The views with fn applied to each tensor: fn(x) of a (B, V, ...) tensor, e.g. a slice of the views."""
+        return Views(fn(self.feats), fn(self.c2w), fn(self.K), fn(self.t))
+
+
+@dataclass
+class Signal:
+    """The 3D signal: a radiance field, the field network applied to the features of its views; forward()
+    renders it from any camera, with the setting's samples per ray and bounds."""
+    field: nn.Module  # ContextField or DenoisingField: (views, points (B, P, 3)) -> sigma, rgb, feat
+    views: Views
+    setting: Setting
+
+
+# -----------------------------------------------------------------------------
 # The networks
 
 
@@ -190,109 +220,133 @@ class FieldBlock(nn.Module):
         return h + self.lin2(F.silu(self.lin1(F.silu(self.norm(h) * (1 + scale) + shift))))
 
 
-class Field(nn.Module):
-    """The pixel-aligned radiance field: points (B, P, 3) seen from V views -> sigma, colour, features.
+class PixelAlignedField(nn.Module):
+    """What the two fields share: the per-view part and the decoder.
 
-    Each view's feature at a point's projection, with the point's position in that camera's
-    frame, goes through a FieldBlock modulated by that view's timestep. Then:
-    - with_target=False (the context-only field): the mean over the context views that see the point;
-    - with_target=True (the denoising field): the last view is the noisy target. The mean over the
-      contexts is concatenated with the target's own vector and its "seen" flag, merged, and
-      modulated once more by the target's timestep. A back-half point projects into the context
-      image onto the *front* pixel that hides it (render.lookup tests the frustum, not
-      occlusion), so a plain mean over all views would average that front colour 50/50 with the
-      target's evidence; kept apart, the network can let the target win where it should (the
-      diagnostics of experiments/diagnose3d.py measured this: README, 3D scenes).
+    Per view, a point (B, P, 3) is projected into the view (render.lookup); the view's feature there
+    and the point's position in that camera's frame (positional encoding) go through a FieldBlock
+    modulated by the view's timestep. The subclasses pool the views into one vector per point, which
+    decode() turns into density, colour and features; each adds its own layers after these, then the
+    decoder (decoder_layers): the order in which a seed draws the initial weights and in which a
+    checkpoint's optimizer state lists them. Density is softplus(x - 1) rather than the
+    authors' ReLU: a ReLU field whose pre-activations all start out negative renders nothing and
+    never receives a gradient, which small networks like these can start out as.
     """
 
-    def __init__(self, feat, width, out_feat, cam_dist, with_target):
+    def __init__(self, feat, width, cam_dist):
         super().__init__()
         self.cam_dist = cam_dist  # depths are encoded relative to the cameras' distance from the scene
-        self.with_target = with_target
+        self.width = width
         self.inp = nn.Linear(feat + 3 * (1 + 2 * N_FREQS), width)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU())
-        self.view_block = FieldBlock(width)  # per view, before pooling
-        if with_target:
-            self.merge = nn.Linear(2 * width + 1, width)  # [mean of contexts, target, target sees the point]
-            self.target_block = FieldBlock(width)  # after merging, modulated by the target's timestep
-        self.joint = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width),
-                                   nn.SiLU())
-        self.head = nn.Linear(width, 1 + 3 + out_feat)
-        self.width = width
+        self.view_block = FieldBlock(width)
 
-    def forward(self, views, points):
-        """views: dict feats (B, V, F, h, w), c2w (B, V, 4, 4), K (B, V, 3, 3), t (B, V); points (B, P, 3).
-        Returns sigma (B, P) >= 0, rgb (B, P, 3) in [0, 1], feat (B, P, Cf).
-
-        Density is softplus(x - 1) rather than the authors' ReLU: a ReLU field whose pre-activations
-        start out all negative renders nothing and never receives a gradient (this happened to
-        small networks here at some seeds)."""
-        feats, uv, depth, seen = render.lookup(views["feats"], points, views["c2w"], views["K"])  # (B, V, P, F) ...
-        cam = torch.cat([2 * uv - 1, (depth - self.cam_dist)[..., None]], dim=-1)  # (B, V, P, 3) the point in each camera's frame
+    def per_view(self, views, points):
+        """Each view's vector for each point: h (B, V, P, width), the timestep embeddings temb (B, V, 1, width)
+        and seen (B, V, P), whether the point projects into the view."""
+        feats, uv, depth, seen = render.lookup(views.feats, points, views.c2w, views.K)  # (B, V, P, F) ...
+        cam = torch.cat([2 * uv - 1, (depth - self.cam_dist)[..., None]], dim=-1)  # (B, V, P, 3) in each camera's frame
         freqs = 2.0 ** torch.arange(N_FREQS, device=points.device) * math.pi / 2
         angles = (cam[..., None] * freqs).flatten(-2)  # (B, V, P, 3 * N_FREQS)
         h = self.inp(torch.cat([feats, cam, angles.sin(), angles.cos()], dim=-1))  # (B, V, P, width)
-        temb = self.time(dfm.timestep_embedding(views["t"].flatten(), self.width)).view(*views["t"].shape, 1, -1)
-        h = self.view_block(h, temb)  # (B, V, P, width)
-        n_ctxt = h.shape[1] - 1 if self.with_target else h.shape[1]
-        w = seen[:, :n_ctxt].float()[..., None]  # average over the context views that see the point
-        pooled = (h[:, :n_ctxt] * w).sum(1) / w.sum(1).clamp(min=1)  # (B, P, width)
-        if self.with_target:
-            seen_trgt = seen[:, -1].float()[..., None]  # (B, P, 1)
-            pooled = self.merge(torch.cat([pooled, h[:, -1] * seen_trgt, seen_trgt], dim=-1))  # (B, P, width)
-            pooled = self.target_block(pooled, temb[:, -1])
+        temb = self.time(dfm.timestep_embedding(views.t.flatten(), self.width)).view(*views.t.shape, 1, -1)
+        return self.view_block(h, temb), temb, seen
+
+    def decode(self, pooled):
+        """pooled (B, P, width) -> sigma (B, P) >= 0, rgb (B, P, 3) in [0, 1], feat (B, P, Cf)."""
         out = self.head(self.joint(pooled))
         return F.softplus(out[..., 0] - 1), torch.sigmoid(out[..., 1:4]), out[..., 4:]
 
 
-class Denoiser(nn.Module):
-    """(context views, noisy target, cameras, t) -> the signal: a field over the context and target views.
+def decoder_layers(width, out_feat):
+    """The decoder of PixelAlignedField.decode: an MLP and a head of 1 + 3 + Cf outputs."""
+    joint = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+    return joint, nn.Linear(width, 1 + 3 + out_feat)
 
-    The signal is a dict that forward() renders: the field network, every view's features,
-    cameras and timesteps (the target last), and the render settings. The context-only signal
-    used for the conditioning has a field of its own, as in the authors' model: its regression
-    loss would otherwise pull the denoising field's hidden half towards the mean colour.
+
+def mean_over_seen(h, seen):
+    """The mean of h (B, V, P, width) over the views that see each point (seen (B, V, P)): (B, P, width)."""
+    w = seen.float()[..., None]
+    return (h * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+class ContextField(PixelAlignedField):
+    """The context-only field: the mean over the context views that see a point. It makes the conditioning
+    render, and has weights of its own, as in the authors' model: its regression loss would otherwise pull
+    the denoising field's hidden half towards the mean colour."""
+
+    def __init__(self, feat, width, out_feat, cam_dist):
+        super().__init__(feat, width, cam_dist)
+        self.joint, self.head = decoder_layers(width, out_feat)
+
+    def forward(self, views, points):  # views of V contexts, points (B, P, 3) -> sigma, rgb, feat
+        h, _, seen = self.per_view(views, points)
+        return self.decode(mean_over_seen(h, seen))
+
+
+class DenoisingField(PixelAlignedField):
+    """The denoising field, the signal: the contexts' mean and the noisy target's own vector, merged.
+
+    The last view is the noisy target. The mean over the contexts that see a point is concatenated
+    with the target's vector and its "seen" flag, merged, and modulated once more by the target's
+    timestep. A back-half point projects into the context image onto the *front* pixel that hides
+    it (render.lookup tests the frustum, not occlusion), so a plain mean over all views would
+    average that front colour 50/50 with the target's evidence; kept apart, the network can let
+    the target win where it should (experiments/diagnose3d.py measures it: RESULTS.md, 3D scenes).
     """
+
+    def __init__(self, feat, width, out_feat, cam_dist):
+        super().__init__(feat, width, cam_dist)
+        self.merge = nn.Linear(2 * width + 1, width)  # [mean of contexts, target, target sees the point]
+        self.target_block = FieldBlock(width)  # after merging, modulated by the target's timestep
+        self.joint, self.head = decoder_layers(width, out_feat)
+
+    def forward(self, views, points):  # views of Nc contexts and the target last, points (B, P, 3)
+        h, temb, seen = self.per_view(views, points)  # (B, Nc + 1, P, width), ...
+        seen_trgt = seen[:, -1].float()[..., None]  # (B, P, 1)
+        merged = self.merge(torch.cat([mean_over_seen(h[:, :-1], seen[:, :-1]), h[:, -1] * seen_trgt, seen_trgt], -1))
+        return self.decode(self.target_block(merged, temb[:, -1]))  # (B, P, width) -> sigma, rgb, feat
+
+
+class Denoiser(nn.Module):
+    """(context views, noisy target, cameras, t) -> the signal: the denoising field over the contexts and the
+    target (the target last), rendered at the target camera by forward()."""
 
     def __init__(self, setting):
         super().__init__()
         s = self.setting = setting
         self.ctxt_encoder = Encoder(3, s.ch, s.feat)
         self.trgt_encoder = Encoder(3 + 3 + 1 + s.out_feat, s.ch, s.feat)  # noisy target + conditioning render
-        self.context_field = Field(s.feat, s.width, s.out_feat, s.world.cam_dist, with_target=False)
-        self.field = Field(s.feat, s.width, s.out_feat, s.world.cam_dist, with_target=True)
-
-    def signal(self, field, feats, c2w, K, t):
-        return {"field": field, "setting": self.setting, "views": {"feats": feats, "c2w": c2w, "K": K, "t": t}}
+        self.context_field = ContextField(s.feat, s.width, s.out_feat, s.world.cam_dist)
+        self.field = DenoisingField(s.feat, s.width, s.out_feat, s.world.cam_dist)
 
     def forward(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
         B, Nc = ctxt_obs.shape[:2]
         zeros = torch.zeros(B * Nc, dtype=torch.long, device=t.device)
         ctxt_feats = self.ctxt_encoder(ctxt_obs.flatten(0, 1), zeros).unflatten(0, (B, Nc))  # (B, Nc, F, h, w)
-        context_only = self.signal(self.context_field, ctxt_feats, ctxt_params["c2w"], ctxt_params["K"],
-                                   zeros.view(B, Nc))
+        contexts = Views(ctxt_feats, ctxt_params["c2w"], ctxt_params["K"], zeros.view(B, Nc))
         with torch.no_grad():  # 3D-structured conditioning: the context-only field seen from the target camera
-            cond = render_image(context_only, trgt_params, self.setting.cond_size)  # (B, 3 + 1 + Cf, c, c)
-        cond = F.interpolate(cond, size=noisy_trgt.shape[-2:], mode="bilinear", align_corners=False)
+            cond = render_image(Signal(self.context_field, contexts, self.setting), trgt_params, self.setting.cond_size)
+        cond = F.interpolate(cond, size=noisy_trgt.shape[-2:], mode="bilinear", align_corners=False)  # (B, 4+Cf, H, W)
         trgt_feats = self.trgt_encoder(torch.cat([noisy_trgt, cond], dim=1), t)  # (B, F, h, w)
-        signal = self.signal(self.field, torch.cat([ctxt_feats, trgt_feats[:, None]], dim=1),
-                             torch.cat([ctxt_params["c2w"], trgt_params["c2w"][:, None]], dim=1),
-                             torch.cat([ctxt_params["K"], trgt_params["K"][:, None]], dim=1),
-                             torch.cat([zeros.view(B, Nc), t[:, None]], dim=1))
-        signal["context_only"] = context_only
-        return signal
+        views = Views(torch.cat([ctxt_feats, trgt_feats[:, None]], dim=1),  # (B, Nc + 1, F, h, w)
+                      torch.cat([ctxt_params["c2w"], trgt_params["c2w"][:, None]], dim=1),
+                      torch.cat([ctxt_params["K"], trgt_params["K"][:, None]], dim=1),
+                      torch.cat([zeros.view(B, Nc), t[:, None]], dim=1))
+        return Signal(self.field, views, self.setting)
 
-    def aux_loss(self, signal, trgt_obs, trgt_params):
-        """The conditioning render's own L2 on a random patch of the target (with gradients), and the
-        edge-aware smoothness of the depth of the last patch forward() rendered of this signal."""
+    def aux_loss(self, signal, trgt_obs, trgt_params, pixels, depth):
+        """The terms dfm.DFM.loss adds through its aux hook: the context-only field, rendered with gradients at a
+        random patch of the target camera, against the target (the conditioning must explain what it sees); and
+        the edge-aware smoothness of the depth (B, P) of the target patch `pixels` (B, P) that the loss rendered."""
         B, size, p = trgt_obs.shape[0], trgt_obs.shape[-1], self.setting.patch
-        pixels = random_patches(B, size, p, None).to(trgt_obs.device)
-        cond = render_pixels(signal["context_only"], trgt_params, pixels)  # dict rgb (B, 3, P), depth (B, P)
-        loss = F.mse_loss(cond["obs"], dfm.select_pixels(trgt_obs, pixels))
-        if "patch" in signal and self.setting.depth_smooth > 0:
-            depth = signal["patch"]["depth"].view(B, 1, p, p)
-            image = dfm.select_pixels(trgt_obs, signal["patch"]["pixels"]).view(B, 3, p, p)
-            loss = loss + self.setting.depth_smooth * edge_aware_smoothness(depth, image)
+        contexts = signal.views.map(lambda v: v[:, :-1])  # every view but the target, the last
+        cond_pixels = random_patches(B, size, p, None).to(trgt_obs.device)
+        cond = render_pixels(Signal(self.context_field, contexts, self.setting), trgt_params, cond_pixels)
+        loss = F.mse_loss(cond["obs"], dfm.select_pixels(trgt_obs, cond_pixels))
+        if depth is not None and self.setting.depth_smooth > 0:
+            image = dfm.select_pixels(trgt_obs, pixels).view(B, 3, p, p)
+            loss = loss + self.setting.depth_smooth * edge_aware_smoothness(depth.view(B, 1, p, p), image)
         return loss
 
 
@@ -315,9 +369,11 @@ def render_pixels(signal, params, pixels=None, uv=None):
     """Render the field at the given pixels of a camera: params c2w (B, 4, 4), K (B, 3, 3).
 
     pixels (B, P) indices into the flattened image (default every pixel), or uv (B or 1, P, 2).
-    Returns dict obs (B, 3, P) in [-1, 1], depth (B, P) normalised to about [0, 1], feat (B, Cf, P).
+    Returns dict obs (B, 3, P) in [-1, 1], depth (B, P) normalised to about [0, 1] by the setting's
+    depth_range, feat (B, Cf, P). Samples along the rays are jittered only while gradients are on
+    (training), so a render for looking at is deterministic.
     """
-    s = signal["setting"]
+    s = signal.setting
     if uv is None:
         uv = render.pixel_centers(s.world.size, s.world.size, device=params["K"].device)  # (H*W, 2)
         if pixels is not None:
@@ -325,46 +381,37 @@ def render_pixels(signal, params, pixels=None, uv=None):
     origins, dirs = render.get_rays(params["c2w"], params["K"], uv)  # (B, P, 3)
     origins = origins.expand(params["K"].shape[0], *origins.shape[-2:])
     dirs = dirs.expand_as(origins)
-    near, far, depth_lo, depth_range = scene_bounds(s, origins, dirs)  # (B, P), (B, P), scalars
+    near, far = ray_bounds(s, origins, dirs)  # (B, P) each
 
     def field(points):  # (B, P, S, 3) -> sigma (B, P, S), colour and features (B, P, S, 3 + Cf)
         B, P, S = points.shape[:3]
-        sigma, rgb, feat = signal["field"](signal["views"], points.reshape(B, P * S, 3))
+        sigma, rgb, feat = signal.field(signal.views, points.reshape(B, P * S, 3))
         return sigma.view(B, P, S), torch.cat([rgb, feat], dim=-1).view(B, P, S, -1)
 
-    training = torch.is_grad_enabled()  # jitter the samples along rays while training, not when looking
     out = render.render_rays(field, origins, dirs, near, far, s.n_samples, s.n_importance,
-                             perturb=training, coarse_grad=False)
+                             perturb=torch.is_grad_enabled(), coarse_grad=False)
     color = out["rgb"].transpose(1, 2)  # (B, 3 + Cf, P)
-    depth = (out["depth"] - depth_lo) / depth_range  # about [0, 1] over the scene
-    return {"obs": 2 * color[:, :3] - 1, "feat": color[:, 3:], "depth": depth}
+    lo, hi = s.depth_range
+    return {"obs": 2 * color[:, :3] - 1, "feat": color[:, 3:], "depth": (out["depth"] - lo) / (hi - lo)}
 
 
-def scene_bounds(setting, origins, dirs):
-    """Where rays (B, P, 3) start and stop: the toy's scene box, or the data set's near/far (setting.bounds).
-
-    Returns near, far (B, P) and the depth range (lo, width) that maps rendered depths to about [0, 1]."""
-    if setting.bounds is not None:  # posed images on disk: poses relative to the first context camera
-        near, far = setting.bounds
-        return (torch.full_like(origins[..., 0], near), torch.full_like(origins[..., 0], far), near, far - near)
-    lo, hi = (x.to(origins.device) for x in world_lib.SCENE_BOX)
-    near, far = render.intersect_box(origins, dirs, lo, hi)  # (B, P)
-    return near, far, setting.world.cam_dist - 1.5, 3.0
+def ray_bounds(setting, origins, dirs):
+    """Where rays (B, P, 3) start and stop, (B, P) each: where they cross the setting's box, or its near_far."""
+    if setting.near_far is not None:
+        near, far = setting.near_far
+        return torch.full_like(origins[..., 0], near), torch.full_like(origins[..., 0], far)
+    lo, hi = (torch.tensor(corner, device=origins.device) for corner in setting.box)
+    return render.intersect_box(origins, dirs, lo, hi)
 
 
 def forward(signal, params, pixels=None):
-    """The forward model: render the field from a camera, obs (B, 3, H, W), or (B, 3, P) at pixels (B, P).
-
-    A patch rendered with gradients is remembered in the signal, so that aux_loss can
-    regularise its depth without rendering it again.
-    """
+    """The forward model: the field rendered from a camera, obs (B, 3, H, W). With pixels (B, P), dfm.DFM's
+    training patches: (obs (B, 3, P), depth (B, P)), the depth for the denoiser's aux_loss."""
     out = render_pixels(signal, params, pixels)
-    if pixels is None:
-        size = signal["setting"].world.size
-        return out["obs"].unflatten(-1, (size, size))
-    if torch.is_grad_enabled() and "patch" not in signal:
-        signal["patch"] = {"depth": out["depth"], "pixels": pixels}
-    return out["obs"]
+    if pixels is not None:
+        return out["obs"], out["depth"]
+    size = signal.setting.world.size
+    return out["obs"].unflatten(-1, (size, size))
 
 
 def render_image(signal, params, size):
@@ -376,7 +423,17 @@ def render_image(signal, params, size):
 
 
 # -----------------------------------------------------------------------------
-# The toy protocol for each problem name
+# The toy protocol, for the toy's scenes and for posed images on disk
+
+
+def make_problem(name, setting, **data):
+    """The toy protocol (toy_problems/__init__.py) of the 3D model of problem `name` at `setting`: the model's
+    parts, and the data's given as keywords (sample_batch, held_out_batch, evaluate, plot, animate; and
+    exact_posterior for the toy's scenes, loader for posed images on disk). The one place both are built:
+    scenes3d_eval.problem and posed_images/dataset.problem call it."""
+    return types.SimpleNamespace(NAME=name, SETTING=setting, TRAIN_DEFAULTS=TRAIN_DEFAULTS[name], forward=forward,
+                                 obs_loss=functools.partial(obs_loss, setting=setting),
+                                 make_denoiser=functools.partial(make_denoiser, setting=setting), **data)
 
 
 def make_denoiser(kind, setting=SETTINGS["scenes3d"]):
@@ -389,7 +446,7 @@ def make_denoiser(kind, setting=SETTINGS["scenes3d"]):
 def obs_loss(pred, target, setting=SETTINGS["scenes3d"]):
     """L2 on the rendered patches (B, 3, P), plus LPIPS (weight setting.lpips) when its real weights load.
 
-    LPIPS is off in the CPU setting: on a 2-core CPU it cost 0.5-2 s per step on 16 12x12 patches
+    LPIPS is off in the CPU setting: on a 2-core CPU it costs 0.5-2 s per step on 16 12x12 patches
     (upsampled to 64x64 for AlexNet), more than everything else in the step together.
     """
     loss = F.mse_loss(pred, target)

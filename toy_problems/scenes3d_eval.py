@@ -1,9 +1,9 @@
 """The 3D problem's protocol: scores and pictures of model samples against the exact posterior, view
 by view, and problem(name), the toy protocol that toy_problems.load returns.
 
-Sampling: the target camera is the one straight opposite the context camera, where the hidden
-back halves are in full view, so every sample has to commit to a back colour; the sampled
-scene is the field of the last denoising step (scenes3d.py), rendered from any camera.
+Sampling (dfm.sample_signals): the target camera is the one straight opposite the context camera,
+where the hidden back halves are in full view, so every sample has to commit to a back colour;
+the sampled scene is the field of the last denoising step (scenes3d.Signal), rendered from any camera.
 
 Scores (evaluate):
 - back_tv: total variation between each context's histogram of sampled back colours (seen
@@ -19,9 +19,9 @@ Scores (evaluate):
 - views: energy distance between renders from a ring of cameras of model samples and of exact
   posterior samples (rendered exactly), with views_floor for two exact sample sets.
 """
+import dataclasses
 import functools
 import math
-import types
 
 import matplotlib
 matplotlib.use("Agg")
@@ -29,8 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import dfm
-from toy_problems import metrics
-from toy_problems import scenes3d, scenes3d_world as world_lib
+from toy_problems import metrics, scenes3d, scenes3d_world as world_lib
 
 N_PROBES = 8  # ring cameras for the view energy distance
 NEAR_DEG = 20.0  # "close to the context view"
@@ -48,35 +47,28 @@ def cameras_at(degrees, n, setting, device):
     return world_lib.cameras(azimuth, world=setting.world)
 
 
-@torch.no_grad()
-def sample_scenes(model, batch, n_samples, generator, steps=50, **sample_kwargs):
-    """n_samples sampled fields per context, as one batched signal (B * n, the n of a context together)."""
-    model.eval()
-    B, Nc = batch["ctxt_obs"].shape[:2]
-    setting = model.denoiser.setting
-    far = cameras_at(180.0, B * n_samples, setting, batch["ctxt_obs"].device)
-    ctxt_obs, ctxt_params = dfm.repeat_batch(batch["ctxt_obs"], n_samples), dfm.repeat_batch(batch["ctxt_params"], n_samples)
-    signal, _ = model.sample(ctxt_obs, ctxt_params, far, steps=steps, generator=generator,
-                             obs_shape=batch["trgt_obs"].shape[1:], **sample_kwargs)
-    return signal
+def opposite(batch, setting):
+    """The batch with its target camera straight opposite the context camera, where the samples aim."""
+    return {**batch, "trgt_params": cameras_at(180.0, len(batch["ctxt_obs"]), setting, batch["ctxt_obs"].device)}
 
 
-def render_at(forward, signal, degrees, n, setting, device):
-    """The batched signal (n fields) rendered from the camera at `degrees`: (n, 3, H, W)."""
-    return forward(signal, cameras_at(degrees, n, setting, device))
+def render_at(signal, degrees):
+    """A batch of N sampled fields rendered from the camera at `degrees` from the context camera: (N, 3, H, W)."""
+    return scenes3d.forward(signal, cameras_at(degrees, len(signal.views.t), signal.setting, signal.views.t.device))
 
 
 def evaluate(model, seed=0, n_contexts=8, n_samples=16, steps=50, histogram_path=None, **sample_kwargs):
     """The scores of the module docstring (a dict), for held-out contexts of the model's setting.
     histogram_path: also save each context's histogram of sampled back colours there (plot_histograms)."""
-    setting, forward = model.denoiser.setting, scenes3d.forward
+    setting = model.denoiser.setting
     device = next(model.parameters()).device
     batch = scenes3d.held_out_batch(n_contexts, seed, device, setting)
     w, B, n = setting.world, n_contexts, n_samples
-    signal = sample_scenes(model, batch, n, torch.Generator(device=device).manual_seed(seed), steps, **sample_kwargs)
+    signal = dfm.sample_signals(model, opposite(batch, setting), n, torch.Generator(device=device).manual_seed(seed),
+                                steps, **sample_kwargs)  # B * n fields, the n of a context together
     truth = batch["scenes"]
-    exact_a, exact_b = (exact_posterior(batch["ctxt_obs"], None, n, torch.Generator(device=device).manual_seed(seed + i),
-                                        setting) for i in (1, 2))
+    exact_a, exact_b = (exact_posterior(batch["ctxt_obs"], None, n,
+                                        torch.Generator(device=device).manual_seed(seed + i), setting) for i in (1, 2))
 
     def flat(scenes):  # leading (B, n) -> (B * n)
         return {k: v.flatten(0, 1) for k, v in scenes.items()}
@@ -84,8 +76,7 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=16, steps=50, histogram_path
     scores = {}
     with torch.no_grad():
         # the hidden half, from the three far-side cameras
-        far = {deg: render_at(forward, signal, deg, B * n, setting, device).view(B, n, 3, w.size, w.size)
-               for deg in world_lib.FAR_SIDE_DEG}
+        far = {deg: render_at(signal, deg).view(B, n, 3, w.size, w.size) for deg in world_lib.FAR_SIDE_DEG}
         results = {deg: world_lib.back_colour_scores(far[deg], truth, cameras_at(deg, B, setting, device), w)
                    for deg in world_lib.FAR_SIDE_DEG}
         straight = results[180.0]
@@ -99,7 +90,7 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=16, steps=50, histogram_path
         agree = (results[150.0]["nearest"] == results[210.0]["nearest"]).float()  # (B, n, M)
         scores["consistent"] = (agree * both[:, None]).sum().item() / max(1, n * both.sum().item())
         # the seen part
-        ctxt_view = render_at(forward, signal, 0.0, B * n, setting, device)  # (B*n, 3, H, W)
+        ctxt_view = render_at(signal, 0.0)  # (B*n, 3, H, W)
         context = batch["ctxt_obs"][:, 0].repeat_interleave(n, dim=0)
         scores["psnr_context"] = metrics.psnr(ctxt_view, context).mean().item()
         scores["ssim_context"] = metrics.ssim(ctxt_view, context).mean().item()
@@ -112,11 +103,11 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=16, steps=50, histogram_path
             true_view = world_lib.render_scenes(truth, params, w).repeat_interleave(n, dim=0)
             parts = world_lib.render_parts(truth, params, w).repeat_interleave(n, dim=0)  # (B*n, H, W)
             determined = (parts < 2) | (parts % 2 == 1)  # sky, ground and front halves
-            near.append(metrics.psnr(render_at(forward, signal, deg, B * n, setting, device), true_view, determined))
+            near.append(metrics.psnr(render_at(signal, deg), true_view, determined))
         scores["psnr_near"] = torch.cat(near).mean().item()
         # the whole distribution, from a ring of cameras
         ring = [k * 360.0 / N_PROBES for k in range(N_PROBES)]
-        model_views = torch.stack([render_at(forward, signal, d, B * n, setting, device) for d in ring], 1)
+        model_views = torch.stack([render_at(signal, d) for d in ring], 1)
         exact_views = [torch.stack([world_lib.render_scenes(flat(e), cameras_at(d, B * n, setting, device), w)
                                     for d in ring], 1) for e in (exact_a, exact_b)]
         views = [v.reshape(B, n, -1) for v in (model_views, *exact_views)]
@@ -146,9 +137,10 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=6, steps=50, compare=None)
     rendered, counts = {("context", 180.0): batch["ctxt_obs"]}, {"exact": n_exact, "context": 1, "truth": 1}
     others = [] if compare is None else [(compare.kind if compare.kind != model.kind else "compared", compare, 1)]
     for name, m, n in [(model.kind, model, n_samples)] + others:
-        signal = sample_scenes(m, batch, n, torch.Generator(device=device).manual_seed(seed), steps)
+        signal = dfm.sample_signals(m, opposite(batch, setting), n, torch.Generator(device=device).manual_seed(seed),
+                                    steps)
         for deg in (180.0, 90.0):
-            rendered[name, deg] = scenes3d.forward(signal, cameras_at(deg, B * n, setting, device)).view(B, n, 3, w.size, w.size)
+            rendered[name, deg] = render_at(signal, deg).view(B, n, 3, w.size, w.size)
         depth = scenes3d.render_pixels(signal, cameras_at(180.0, B * n, setting, device))["depth"]
         rendered[name, "depth"] = depth.view(B, n, w.size, w.size)
         columns += [(name, i) for i in range(n)]
@@ -156,8 +148,9 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=6, steps=50, compare=None)
     for deg in (180.0, 90.0):
         rendered["exact", deg] = world_lib.render_scenes(exact, cameras_at(deg, B * n_exact, setting, device), w).view(
             B, n_exact, 3, w.size, w.size)
-        rendered["truth", deg] = world_lib.render_scenes(batch["scenes"], cameras_at(deg, B, setting, device), w)[:, None]
-    rows = [(180.0, "from opposite"), (90.0, "from the side"), ("depth", "depth, opposite")]  # (the context image sits in row 0)
+        truth = world_lib.render_scenes(batch["scenes"], cameras_at(deg, B, setting, device), w)  # (B, 3, H, W)
+        rendered["truth", deg] = truth[:, None]
+    rows = [(180.0, "from opposite"), (90.0, "from the side"), ("depth", "depth, opposite")]  # the context in row 0
     fig, axes = plt.subplots(3 * B, len(columns), figsize=(1.05 * len(columns) + 0.6, 3.3 * B), squeeze=False)
     for i in range(B):
         for r, (key, label) in enumerate(rows):
@@ -212,18 +205,19 @@ def animate(model, path, seed=0, index=0, n_samples=3, n_frames=24, steps=50, co
     batch = scenes3d.held_out_batch(index + 1, seed, device, setting)
     batch = dfm.map_batch(lambda v: v[index:], batch)
     orbit = world_lib.orbit_cameras(n_frames, w, device)  # (F, ...)
-    panels = [("truth", world_lib.render_scenes({k: v.expand(n_frames, *v.shape[1:]) for k, v in batch["scenes"].items()},
-                                                orbit, w))]
+    truth = {k: v.expand(n_frames, *v.shape[1:]) for k, v in batch["scenes"].items()}  # (F, ...) the one scene
+    panels = [("truth", world_lib.render_scenes(truth, orbit, w))]
     for m, n in [(model, n_samples)] + ([(compare, 1)] if compare is not None else []):
-        signal = sample_scenes(m, batch, n, torch.Generator(device=device).manual_seed(seed), steps)
+        signal = dfm.sample_signals(m, opposite(batch, setting), n, torch.Generator(device=device).manual_seed(seed),
+                                    steps)
         panels += [(f"{m.kind} {i + 1}" if n > 1 else m.kind, orbit_frames(signal, i, orbit)) for i in range(n)]
     save_gif(panels, path)
 
 
 def orbit_frames(signal, i, orbit):
-    """Sample i of a sampled signal (views (N, ...)) seen from every camera of orbit: (F, 3, H, W)."""
+    """Field i of a batch of sampled fields seen from every camera of orbit (c2w (F, 4, 4), K): (F, 3, H, W)."""
     n_frames = len(orbit["c2w"])
-    one = {**signal, "views": {k: v[i:i + 1].expand(n_frames, *v.shape[1:]) for k, v in signal["views"].items()}}
+    one = dataclasses.replace(signal, views=signal.views.map(lambda v: v[i:i + 1].expand(n_frames, *v.shape[1:])))
     return scenes3d.forward(one, orbit)
 
 
@@ -278,11 +272,7 @@ def memory_per_sample(name, precision="fp32", seed=0):
 def problem(name):
     """The toy protocol (see toy_problems/__init__.py) for "scenes3d", "scenes3d-64" or "scenes3d-128"."""
     setting = scenes3d.SETTINGS[name]
-    return types.SimpleNamespace(
-        NAME=name, SETTING=setting, TRAIN_DEFAULTS=scenes3d.TRAIN_DEFAULTS[name], forward=scenes3d.forward,
-        obs_loss=functools.partial(scenes3d.obs_loss, setting=setting),
-        sample_batch=functools.partial(scenes3d.sample_batch, setting=setting),
-        held_out_batch=functools.partial(scenes3d.held_out_batch, setting=setting),
-        make_denoiser=functools.partial(scenes3d.make_denoiser, setting=setting),
-        exact_posterior=functools.partial(exact_posterior, setting=setting),
-        evaluate=evaluate, plot=plot, animate=animate)
+    return scenes3d.make_problem(name, setting, sample_batch=functools.partial(scenes3d.sample_batch, setting=setting),
+                                 held_out_batch=functools.partial(scenes3d.held_out_batch, setting=setting),
+                                 exact_posterior=functools.partial(exact_posterior, setting=setting),
+                                 evaluate=evaluate, plot=plot, animate=animate)

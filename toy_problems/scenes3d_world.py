@@ -60,7 +60,7 @@ class World:
 
 WORLD = World()
 WORLD2 = World(size=64, n_spheres=2, radii=(0.25, 0.35), lattice=7)  # two spheres (GPU): 2 x 7 points a side
-SCENE_BOX = (torch.tensor([-1.05, -1.05, -0.05]), torch.tensor([1.05, 1.05, 1.1]))  # (lo, hi): all that is visible
+SCENE_BOX = ((-1.05, -1.05, -0.05), (1.05, 1.05, 1.1))  # (lo, hi) corners (x, y, z): all that is visible
 CONTEXT_AZIMUTH = -math.pi / 2  # the context camera sits on the -y side and looks along +y (image right = +x)
 SHARP_RMSE = 0.1  # a sample is "sharp" when it is this close (RMSE in [-1, 1] units) to a palette render
 FAR_SIDE_DEG = (180.0, 150.0, 210.0)  # far-side cameras: azimuths relative to the context camera
@@ -289,33 +289,47 @@ def back_colour_scores(sample_obs, scenes_true, far_params, world=WORLD, thresho
     sample_obs (B, n, 3, H, W) in [-1, 1]; scenes_true with leading (B,); far_params c2w (B, 4, 4)
     or one camera (4, 4) (for several far-side cameras, call once per camera). For each sphere m,
     keep the pixels where its true back half is seen (eroded by one pixel, so that silhouette
-    edges do not count), render the true scene with every back painted in palette colour k, and
-    classify each sample as its nearest palette render (mean squared error on the kept pixels).
-    Returns dict:
-      tv: total variation between each context's histogram of sampled colours and the exact
-          uniform, averaged over contexts (and spheres); compare with hidden_floor().
-      sharp: the fraction of samples whose RMSE to the nearest palette render is below threshold.
-      histogram (B, K): per context, the fraction of samples in each colour (mean over spheres);
-      histogram_per_sphere (B, M, K), rmse (B, n, M) to the nearest palette render, nearest (B, n, M)
-      its palette index, valid (B, M)
-      whether the back half of sphere m is in view (those that are not count nowhere).
+    edges do not count) and render the true scene with every back painted in palette colour k;
+    hidden_colour_scores classifies the samples against those renders. Raises ValueError if no
+    back half is in view of this camera.
     """
-    K, M = len(world.palette), scenes_true["center"].shape[1]
+    M = scenes_true["center"].shape[1]
     parts = render_parts(scenes_true, far_params, world)  # (B, H, W)
-    keep = torch.stack([erode(parts == 2 + 2 * m) for m in range(M)], 1).float()  # (B, M, H, W)
-    colours = torch.stack([render_scenes(with_back_colours(scenes_true, k), far_params, world) for k in range(K)], 1)
+    keep = torch.stack([erode(parts == 2 + 2 * m) for m in range(M)], 1)  # (B, M, H, W)
+    colours = torch.stack([render_scenes(with_back_colours(scenes_true, k), far_params, world)
+                           for k in range(len(world.palette))], 1)  # (B, K, 3, H, W)
+    scores = hidden_colour_scores(sample_obs, keep, colours, threshold)
+    if not scores["valid"].any():
+        raise ValueError("no back half is in view of this camera")
+    return scores
+
+
+def hidden_colour_scores(sample_obs, keep, colours, threshold=SHARP_RMSE):
+    """Classify each sample's hidden parts as the palette colour whose exact render is nearest there.
+
+    sample_obs (B, n, 3, H, W) in [-1, 1]; keep (B, M, H, W) bool, the pixels of hidden part m (a
+    sphere's back half, or a mesh's unseen surface: posed_images/meshes.py); colours (B, K, 3, H, W), the
+    true scene with every hidden part painted palette colour k. The squared error is averaged over
+    channels and over the kept pixels of each part. Returns dict:
+      tv: total variation between each context's histogram of sampled colours and the exact
+          uniform, averaged over contexts (and parts); compare with hidden_floor().
+      sharp: the fraction of samples whose RMSE to the nearest palette render is below threshold.
+      histogram (B, K): per context, the fraction of samples in each colour (mean over parts);
+      histogram_per_sphere (B, M, K), rmse (B, n, M) to the nearest palette render, nearest (B, n, M)
+      its palette index, valid (B, M) whether part m is in view (those that are not count nowhere).
+    """
+    K, keep = colours.shape[1], keep.float()
     sq = ((sample_obs[:, :, None] - colours[:, None]) ** 2).mean(3)  # (B, n, K, H, W), mean over channels
     count = keep.sum(dim=(-2, -1))  # (B, M)
     err = torch.einsum("bnkhw,bmhw->bnkm", sq, keep) / count.clamp(min=1)[:, None, None]  # (B, n, K, M) MSE
     best, nearest = err.min(dim=2)  # (B, n, M)
     hist = F.one_hot(nearest, K).float().mean(1)  # (B, M, K)
     valid = count > 0  # (B, M)
-    if not valid.any():
-        raise ValueError("no back half is in view of this camera")
     tv = 0.5 * (hist - 1 / K).abs().sum(-1)  # (B, M)
     sharp = (best.sqrt() < threshold).float().mean(1)  # (B, M)
     v = valid.float()
-    return {"tv": ((tv * v).sum() / v.sum()).item(), "sharp": ((sharp * v).sum() / v.sum()).item(),
+    return {"tv": ((tv * v).sum() / v.sum().clamp(min=1)).item(),
+            "sharp": ((sharp * v).sum() / v.sum().clamp(min=1)).item(),
             "histogram": (hist * v[..., None]).sum(1) / v.sum(1, keepdim=True).clamp(min=1),
             "histogram_per_sphere": hist, "rmse": best.sqrt(), "nearest": nearest, "valid": valid}
 

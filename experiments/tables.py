@@ -1,0 +1,187 @@
+"""Results files to markdown: every table of RESULTS.md and the summary table of README.md.
+
+    python -m experiments.bench --readme                        # rewrite both from assets/results, assets/studies
+    python -m experiments.bench --table assets/results/gp1d.json   # print one table
+
+A generated table sits between two markers, and tests/test_bench.py checks that each is its
+file's table, number for number:
+    <!-- results NAME: made by ... -->  ...  <!-- /results -->   the table of <results>/NAME.json
+    <!-- study NAME: made by ... -->    ...  <!-- /study -->     the tables of assets/studies/NAME.json
+    <!-- summary: made by ... -->       ...  <!-- /summary -->   one row per problem, from the results files
+Every table opens with a line naming the command, machine, threads and torch version that made it.
+"""
+import json
+import os
+import re
+import statistics
+
+TIMINGS = ["train ms/step", "sample ms/sample"]
+ONE_THREAD = "1 thread"  # the speed setting of the summary's CPU minutes
+# The distance each problem's summary row shows, and the order of the rows.
+HEADLINE = {"gp1d": "window", "flatland": "views", "motion": "tv_joint", "gan_inversion": "latent",
+            "scenes3d": "back_tv"}
+BLOCK = re.compile(r"(<!-- results ([\w-]+)[^>]*-->\n)(.*?)(<!-- /results -->)", re.S)
+STUDY_BLOCK = re.compile(r"(<!-- study (\w+)[^>]*-->\n)(.*?)(<!-- /study -->)", re.S)
+SUMMARY_BLOCK = re.compile(r"(<!-- summary[^>]*-->\n)(.*?)(<!-- /summary -->)", re.S)
+FILES = ["RESULTS.md", "README.md"]  # the files --readme rewrites
+
+
+def markdown_table(header, rows):
+    """The one table writer: a header row, the separator, then one row per list of cells."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows])
+
+
+def cell(stat, digits):
+    """mean ± sd of a {"mean", "sd"} (sd None: one seed), or - for no value."""
+    if stat is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat["sd"] is not None else "")
+
+
+def made_by(results):
+    """The line that says what made a table: its command, and the machine (threads: where one number holds for
+    the whole table; the speed table's columns are thread settings)."""
+    m = results["machine"]
+    threads = f"{m['threads']} thread(s), " if "threads" in m else ""
+    device = f"device {m['device']}, " if "device" in m else ""
+    return f"Made by `{results['command']}` on {m['cpu']}, {m['cpus']} cpus, {threads}{device}torch {m['torch']}."
+
+
+def results_table(results):
+    """A benchmark's results: the scores (mean ± sd over the seeds) with the floor, and the ratios of DFM's
+    distances to the other models', computed seed by seed."""
+    columns, summary, s = results["columns"], results["summary"], results["settings"]
+    scored = f", {s['n_contexts']} held-out contexts x {s['n_samples']} samples" if s.get("n_contexts") else ""
+    seeds = (f"seed {results['seeds'][0]}" if len(results["seeds"]) == 1 else
+             f"seeds {', '.join(map(str, results['seeds']))} (mean ± sd over seeds)")
+    lines = [made_by(results),
+             f"{results['problem']}: {s['steps']} steps x batch {s['batch_size']} per model, {seeds}{scored}; "
+             "distances to the exact posterior (the columns with a floor), lower is better", ""]
+    rows = [[label] + [cell(summary[kind].get(c), 1 if c in TIMINGS else 4) for c in columns]
+            for kind, label in [(k, k) for k in summary if k != "floor"] + [("floor", "floor (exact vs exact)")]]
+    distances = list(next(iter(results["ratios"].values())))
+    ratios = [[ratio.replace("/", " / ")] + [cell(by_column[c], 2) for c in distances]
+              for ratio, by_column in results["ratios"].items()]
+    return "\n".join(lines + [markdown_table(["model", *columns], rows), "",
+                              markdown_table(["ratio, seed by seed", *distances], ratios)])
+
+
+def speed_table(results):
+    """Training speed: the median (and range) of each setting's repetitions, and the default budget's training
+    time at the default setting."""
+    labels = list(next(iter(results["ms_per_step"].values())))
+    before, after = (", ".join(f"{x:.2f}" for x in results[k]) for k in ("load_average_before", "load_average_after"))
+    rows = []
+    for name, by_label in results["ms_per_step"].items():
+        d = results["defaults"][name]
+        minutes = statistics.median(by_label[labels[0]]) * d["steps"] / 60000
+        rows.append([name] + [f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" for v in by_label.values()]
+                    + [f"{d['steps']} x {d['batch_size']}", f"{minutes:.1f} min"])
+    return "\n".join([made_by(results),
+                      f"ms per DFM training step, median (min-max) of {results['repetitions']} runs of "
+                      f"{results['steps']} steps each; load average (1, 5, 15 min) {before} before, {after} after", "",
+                      markdown_table(["problem", *labels, "default steps x batch", "default training time"], rows)])
+
+
+def memory_table(results):
+    """Training memory of one example (batch 1) of the 3D settings, counted and (with a GPU) measured."""
+    gib = 2 ** 30
+    rows = [[r["problem"], r["image"], r["precision"], f"{r['weights'] / gib:.3f}", f"{r['activations'] / gib:.3f}",
+             f"{r['total'] / gib:.3f}", "no GPU" if r["gpu_peak"] is None else f"{r['gpu_peak'] / gib:.3f}"]
+            for r in results["rows"]]
+    return "\n".join([made_by(results), "", markdown_table(
+        ["problem", "image", "precision", "weights etc. (GiB)", "saved activations (GiB)", "total (GiB)",
+         "GPU peak (GiB)"], rows)])
+
+
+def any_table(results):
+    """The table of a results file, whichever kind it is."""
+    return {"speed": speed_table, "memory3d": memory_table}.get(results["problem"], results_table)(results)
+
+
+def study_tables(results):
+    """The tables of a study's file (experiments/study.py), under the line that says what made them."""
+    from experiments import study  # imported here: study imports this module
+    if "machine" in results:
+        made = made_by(results)
+    else:  # a study file written before study.py recorded its command and machine
+        small = " --small" if results["setting"]["small"] else ""
+        made = f"Made by `python -m experiments.study {results['study']}{small}` (machine not recorded)."
+    return made + "\n" + study.table(results["rows"], study.STUDIES[results["study"]][1])
+
+
+def summary_table(results_dir):
+    """README.md's table of the problems: the default budget, the CPU minutes of one model at that budget on one
+    thread, and the ratios of DFM's headline distance to the oracle's and the deterministic model's."""
+    speed = load_results(os.path.join(results_dir, "speed.json"))
+    rows = []
+    for name, distance in HEADLINE.items():
+        path = os.path.join(results_dir, f"{name}.json")
+        if name == "scenes3d" and not os.path.exists(path):
+            continue  # the 3D row appears once its results file does
+        results = load_results(path)
+        s = results["settings"]
+        if name in speed["ms_per_step"]:  # a 2D toy: speed.json's one-thread median, timed at the same batch
+            timed = speed["defaults"][name]["batch_size"]
+            if timed != s["batch_size"]:
+                raise ValueError(f"speed.json timed {name} at batch {timed}, its results file trained at batch "
+                                 f"{s['batch_size']}: run --speed again")
+            ms_per_step = statistics.median(speed["ms_per_step"][name][ONE_THREAD])
+        else:  # the 3D run's own training time
+            ms_per_step = results["summary"]["dfm"]["train ms/step"]["mean"]
+        rows.append([name, distance, f"{s['steps']} x {s['batch_size']}", f"{ms_per_step * s['steps'] / 60000:.1f}"]
+                    + [cell(results["ratios"].get(f"dfm/{other}", {}).get(distance), 2)
+                       for other in ("oracle", "deterministic")])
+    return "\n".join(["Made by `python -m experiments.bench --readme` from the results files: ratios of DFM's headline "
+                      "distance to the other models', mean ± sd over the seeds; CPU minutes from the 2D toys' "
+                      "one-thread speed (speed.json) and the 3D run's own training time.", "",
+                      markdown_table(["problem", "headline distance", "default steps x batch",
+                                      "CPU minutes, one model, one thread", "DFM / oracle", "DFM / deterministic"],
+                                     rows)])
+
+
+def load_results(path):
+    """A results file, or a one-line ValueError for one that is missing, empty or cut short."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no results file {path}")
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is " + ("empty" if not text.strip() else "not whole JSON (truncated?)")) from None
+
+
+def with_tables(text, results_dir, studies_dir):
+    """text with every generated block (see the module docstring) made again from the files."""
+    def results(match):
+        return match.group(1) + any_table(load_results(os.path.join(results_dir, f"{match.group(2)}.json"))) + \
+            "\n" + match.group(4)
+
+    def studies(match):
+        return match.group(1) + study_tables(load_results(os.path.join(studies_dir, f"{match.group(2)}.json"))) + \
+            "\n" + match.group(4)
+
+    text = STUDY_BLOCK.sub(studies, BLOCK.sub(results, text))
+    return SUMMARY_BLOCK.sub(lambda m: m.group(1) + summary_table(results_dir) + "\n" + m.group(3), text)
+
+
+def rewrite(results_dir, studies_dir=os.path.join("assets", "studies"), files=FILES):
+    """Rewrite the generated blocks of files from results_dir and studies_dir: every text is made first, and
+    written whole (temporary file, then rename) only once all are, so a bad results file changes nothing."""
+    for folder, option in ((results_dir, "--results"), (studies_dir, "the studies' folder")):
+        if not os.path.isdir(folder):
+            raise ValueError(f"{option} {folder}: no such folder")
+    texts = {}
+    for path in files:
+        with open(path) as f:
+            old = f.read()
+        try:
+            texts[path] = with_tables(old, results_dir, studies_dir)
+        except KeyError as e:
+            raise ValueError(f"{path}: a results file in {results_dir} or {studies_dir} lacks the entry {e}") from None
+    for path, text in texts.items():
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
