@@ -17,7 +17,7 @@ import inspect
 import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep, not spin: fast on a busy machine
 
 import torch
 from matplotlib.backend_bases import FigureCanvasBase
@@ -105,7 +105,8 @@ def sample_image(model, cfg, context, args):
         ctxt_params["c2w"] = world_lib.context_camera(setting.world)["c2w"][None, None]
         orbit = {**world_lib.orbit_cameras(24, setting.world), "K": ctxt_params["K"][0, 0].expand(24, 3, 3)}
         aim = 12  # straight opposite
-    batch = {"ctxt_obs": ctxt_obs, "ctxt_params": ctxt_params, "trgt_params": {k: v[aim:aim + 1] for k, v in orbit.items()}}
+    batch = {"ctxt_obs": ctxt_obs, "ctxt_params": ctxt_params,
+             "trgt_params": {k: v[aim:aim + 1] for k, v in orbit.items()}}
     gif = os.path.splitext(args.figure)[0] + ".gif"
     dataset.orbit_gif(model, dfm.map_batch(lambda v: v.to(args.device), batch), gif, orbit,
                              n_samples=args.n_samples or 3, steps=args.steps or 50, seed=args.seed)
@@ -147,10 +148,12 @@ def main():
                         "beside it (x-N.gif) (default: samples.png beside a run's ckpt.pt, out/samples/NAME.png "
                         "for any other checkpoint file NAME.pt)")
     parser.add_argument("--compare", metavar="CKPT", help="a second checkpoint of the same problem (e.g. the "
-                        "deterministic model) whose prediction the 3D problem's pictures show beside the samples (default: none)")
+                        "deterministic model) whose prediction the 3D problem's pictures show beside the samples "
+                        "(default: none)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if this machine has a GPU, else cpu)")
     parser.add_argument("--image", help="3D checkpoints: sample scenes from this image of your own instead of "
-                        "scoring held-out contexts, and write their orbit GIF (the --figure path with .gif) (default: none)")
+                        "scoring held-out contexts, and write their orbit GIF (the --figure path with .gif) "
+                        "(default: none)")
     parser.add_argument("--fov", type=float, help="the horizontal field of view of --image in degrees, in (0, 180); "
                         "it gives the intrinsics (square pixels, centred) (default: none; needed with --image)")
     args = parser.parse_args()

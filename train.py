@@ -28,7 +28,7 @@ import threading
 import time
 import zipfile
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine (README, Speed)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep, not spin: fast on a busy machine
 
 import torch
 import torch.distributed as dist
@@ -101,7 +101,8 @@ def check_new_run(path, resume=None, overwrite=False):
     if overwrite or not os.path.exists(path) or (resume and os.path.exists(resume) and os.path.samefile(path, resume)):
         return
     raise ValueError(f"--out-dir {os.path.dirname(path)} already holds a run's checkpoint: continue that run with "
-                     f"--resume {path} --steps N, start a new run with another --out-dir, or replace it with --overwrite")
+                     f"--resume {path} --steps N, start a new run with another --out-dir, "
+                     "or replace it with --overwrite")
 
 
 def save_checkpoint(path, state):

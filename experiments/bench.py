@@ -60,21 +60,6 @@ def time_sampling(problem, model, device, n, steps=50):
     return 1000 * (time.perf_counter() - start) / n
 
 
-def machine():
-    """What made a results file: CPU, cores, threads, device, torch and Python versions."""
-    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return dict(cpu=platform.machine(), cpus=os.cpu_count(), threads=torch.get_num_threads(), device=device,
-                torch=torch.__version__, python=platform.python_version())
-
-
-def write_json(results, path):
-    """Write results to path whole (a temporary file, then rename): a killed run leaves the last results."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def load_weights(path, cfg):
     """The EMA model of exported weights (--weights) and its training seconds per step, if the file holds the
     run that cfg describes (problem, model, seed)."""
@@ -178,7 +163,7 @@ def bench(name, args):
     columns, summary, ratios = summarise(runs)
     results = dict(
         problem=name, command="python -m experiments.bench " + " ".join(sys.argv[1:]),
-        minutes=(time.perf_counter() - start) / 60, machine=machine(),
+        minutes=(time.perf_counter() - start) / 60, machine=tables.machine(),
         # train.train refuses a run in --out with another config or past cfg.steps, so every run has cfg.steps
         settings=dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
                       n_contexts=args.n_contexts, n_samples=args.n_samples, sample_steps=args.sample_steps or 50,
@@ -187,7 +172,7 @@ def bench(name, args):
     if hasattr(problem, "benchmark_render"):  # problems rendered by render.py
         results["render rays/s"] = problem.benchmark_render(device=cfg.device)
     path = os.path.join(args.results, f"{name}.json")
-    write_json(results, path)
+    tables.write_json(results, path)
     plot_curves(results, os.path.join(args.figures, f"{name}-curves.png"))
     print(f"\n{tables.results_table(results)}\n(results: {path}; {results['minutes']:.1f} minutes)")
 
@@ -264,9 +249,9 @@ def measure_memory(args):
                              **training_memory(name, precision)))
             print(f"{name}, {precision}: {rows[-1]['total'] / 2 ** 30:.3f} GiB counted", flush=True)
     results = dict(problem="memory3d", command="python -m experiments.bench " + " ".join(sys.argv[1:]),
-                   machine=machine(), rows=rows)
+                   machine=tables.machine(), rows=rows)
     path = os.path.join(args.results, "memory3d.json")
-    write_json(results, path)
+    tables.write_json(results, path)
     print(f"\n{tables.memory_table(results)}\n(results: {path})")
 
 
@@ -304,12 +289,12 @@ def measure_speed(args):
                 print(f"{name}, {label}: {times[name][label][-1]:.1f} ms/step", flush=True)
     defaults = {name: config.make_config(name) for name in ALL}
     results = dict(problem="speed", command="python -m experiments.bench " + " ".join(sys.argv[1:]), steps=steps,
-                   repetitions=args.seeds, machine=machine(),
+                   repetitions=args.seeds, machine=tables.machine(),
                    load_average_before=load_before, load_average_after=list(os.getloadavg()),
                    defaults={name: dict(steps=c.steps, batch_size=c.batch_size) for name, c in defaults.items()},
                    ms_per_step=times)
     path = os.path.join(args.results, "speed.json")
-    write_json(results, path)
+    tables.write_json(results, path)
     print(f"\n{tables.speed_table(results)}\n(results: {path})")
 
 
@@ -392,7 +377,7 @@ def main():
             measure_speed(args)
             return
         check_options(args)
-        m = machine()
+        m = tables.machine()
         print(f"machine: {m['cpu']}, {m['cpus']} cpus, torch {m['torch']} ({m['threads']} threads), "
               f"device {m['device']}", flush=True)
         for name in ALL if args.all else args.problem:

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import toy_problems
 import config
 import train
-from experiments import bench, tables
+from experiments import tables
 
 BUDGET = {"gp1d": dict(steps=2000, batch_size=128), "flatland": dict(steps=800, batch_size=32),
           "motion": dict(steps=800, batch_size=32)}
@@ -44,8 +44,6 @@ SCORING = {"gp1d": dict(n_contexts=32, n_samples=32)}
 SMALL_SCORING = {"gp1d": dict(n_contexts=16, n_samples=16), "flatland": dict(n_contexts=8, n_samples=16),
                  "motion": dict(n_contexts=8, n_samples=32)}  # --small: fewer contexts and samples, noisier
 MAIN_SCORE = {"gp1d": "window", "flatland": "views", "motion": "tv_joint"}  # what the plots show
-SHOWN = {"gp1d": ["window", "signal"], "flatland": ["views", "position", "psnr", "spread"],
-         "motion": ["tv_joint", "tv_sprite", "frame_mse"]}  # what the tables show
 
 
 def train_run(args, problem, model="dfm", **overrides):
@@ -127,22 +125,6 @@ STUDIES = {"finite": (study_finite, ["S", "V"], "finitely many observations per 
 
 # -----------------------------------------------------------------------------
 # Tables and plots
-
-
-def table(rows, varied):
-    """Markdown tables, one per problem. A floor (or exact-sample score) that is the same for every
-    row goes in the heading: the same held-out contexts and seed give the same exact samples."""
-    lines = []
-    for problem in dict.fromkeys(row["problem"] for row in rows):
-        mine = [row for row in rows if row["problem"] == problem]
-        shown = [name for name in SHOWN[problem] if name in mine[0]]
-        references = [name + suffix for name in shown for suffix in ("_floor", "_exact") if name + suffix in mine[0]]
-        constant = [name for name in references if len({row[name] for row in mine}) == 1]
-        columns = shown + [name for name in references if name not in constant]
-        heading = ", ".join(f"{name} {mine[0][name]:.4f}" for name in constant)
-        lines += [f"\n{problem}" + (f" ({heading})" if heading else "") + "\n", tables.markdown_table(
-            varied + columns, [[row[v] for v in varied] + [f"{row[name]:.4f}" for name in columns] for row in mine])]
-    return "\n".join(lines)
 
 
 def save(fig, path):
@@ -261,12 +243,12 @@ def main():
             sys.exit(2)
         setting = dict(small=args.small, seed=args.seed, budget=SMALL_BUDGET if args.small else BUDGET,
                        steps=args.steps, tiny=args.tiny)
-        bench.write_json(dict(study=name, command="python -m experiments.study " + " ".join(sys.argv[1:]),
-                              machine=bench.machine(), setting=setting, rows=rows),
-                         os.path.join(args.save, f"{name}.json"))
+        command = "python -m experiments.study " + " ".join(sys.argv[1:])
+        tables.write_json(dict(study=name, varied=varied, command=command, machine=tables.machine(), setting=setting,
+                               rows=rows), os.path.join(args.save, f"{name}.json"))
         PLOTS[name](rows, os.path.join(args.save, f"{name}.png"))
         print(f"\n## {name}: {title}")
-        print(table(rows, varied))
+        print(tables.study_table(rows, varied))
         print(f"plot: {os.path.join(args.save, name + '.png')}, numbers: {os.path.join(args.save, name + '.json')}",
               flush=True)
 

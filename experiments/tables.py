@@ -12,8 +12,11 @@ Every table opens with a line naming the command, machine, threads and torch ver
 """
 import json
 import os
+import platform
 import re
 import statistics
+
+import torch
 
 TIMINGS = ["train ms/step", "sample ms/sample"]
 ONE_THREAD = "1 thread"  # the speed setting of the summary's CPU minutes
@@ -24,6 +27,8 @@ BLOCK = re.compile(r"(<!-- results ([\w-]+)[^>]*-->\n)(.*?)(<!-- /results -->)",
 STUDY_BLOCK = re.compile(r"(<!-- study (\w+)[^>]*-->\n)(.*?)(<!-- /study -->)", re.S)
 SUMMARY_BLOCK = re.compile(r"(<!-- summary[^>]*-->\n)(.*?)(<!-- /summary -->)", re.S)
 FILES = ["RESULTS.md", "README.md"]  # the files --readme rewrites
+SHOWN = {"gp1d": ["window", "signal"], "flatland": ["views", "position", "psnr", "spread"],
+         "motion": ["tv_joint", "tv_sprite", "frame_mse"]}  # a study's columns, by problem
 
 
 def markdown_table(header, rows):
@@ -102,13 +107,23 @@ def any_table(results):
 
 def study_tables(results):
     """The tables of a study's file (experiments/study.py), under the line that says what made them."""
-    from experiments import study  # imported here: study imports this module
-    if "machine" in results:
-        made = made_by(results)
-    else:  # a study file written before study.py recorded its command and machine
-        small = " --small" if results["setting"]["small"] else ""
-        made = f"Made by `python -m experiments.study {results['study']}{small}` (machine not recorded)."
-    return made + "\n" + study.table(results["rows"], study.STUDIES[results["study"]][1])
+    return made_by(results) + "\n" + study_table(results["rows"], results["varied"])
+
+
+def study_table(rows, varied):
+    """Markdown tables, one per problem. A floor (or exact-sample score) that is the same for every
+    row goes in the heading: the same held-out contexts and seed give the same exact samples."""
+    lines = []
+    for problem in dict.fromkeys(row["problem"] for row in rows):
+        mine = [row for row in rows if row["problem"] == problem]
+        shown = [name for name in SHOWN[problem] if name in mine[0]]
+        references = [name + suffix for name in shown for suffix in ("_floor", "_exact") if name + suffix in mine[0]]
+        constant = [name for name in references if len({row[name] for row in mine}) == 1]
+        columns = shown + [name for name in references if name not in constant]
+        heading = ", ".join(f"{name} {mine[0][name]:.4f}" for name in constant)
+        lines += [f"\n{problem}" + (f" ({heading})" if heading else "") + "\n", markdown_table(
+            varied + columns, [[row[v] for v in varied] + [f"{row[name]:.4f}" for name in columns] for row in mine])]
+    return "\n".join(lines)
 
 
 def summary_table(results_dir):
@@ -151,6 +166,21 @@ def load_results(path):
         return json.loads(text)
     except json.JSONDecodeError:
         raise ValueError(f"{path} is " + ("empty" if not text.strip() else "not whole JSON (truncated?)")) from None
+
+
+def machine():
+    """What made a results file: CPU, cores, threads, device, torch and Python versions."""
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return dict(cpu=platform.machine(), cpus=os.cpu_count(), threads=torch.get_num_threads(), device=device,
+                torch=torch.__version__, python=platform.python_version())
+
+
+def write_json(results, path):
+    """Write results to path whole (a temporary file, then rename): a killed run leaves the last results."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def with_tables(text, results_dir, studies_dir):

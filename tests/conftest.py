@@ -4,7 +4,7 @@ import shutil
 import sys
 import tempfile
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: fast on a busy machine (README, Speed)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: fast on a busy machine (RESULTS.md, Speed)
 os.environ["DFM_NO_DOWNLOAD"] = "1"  # LPIPS weights are never fetched by a test (toy_problems/metrics.py)
 # ... nor read from the user's cache: every test, and every process a test starts, sees this empty folder, so
 # the same checkout gives the same results whatever the user has fetched before (no real LPIPS in the tests)

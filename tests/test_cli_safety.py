@@ -91,7 +91,8 @@ def test_a_step_that_may_not_fit_is_warned_about_with_its_size(monkeypatch, caps
     monkeypatch.setattr(config, "available_memory", lambda: 1.5 * need)
     config.check_memory(cfg)  # fits by the count, with little to spare: a warning that says how much
     err = capsys.readouterr().err
-    assert err.startswith(f"warning: a training step of scenes3d at --batch-size 8 needs at least {need / 2 ** 30:.1f} GiB")
+    assert err.startswith("warning: a training step of scenes3d at --batch-size 8 needs at least "
+                          f"{need / 2 ** 30:.1f} GiB")
     assert "lower --batch-size" in err
     monkeypatch.setattr(config, "available_memory", lambda: need / 2)
     with pytest.raises(ValueError, match=r"this machine has .* GiB free: here pass --batch-size [1-3] or less$"):
@@ -146,5 +147,5 @@ def test_a_truncated_checkpoint_and_a_folder_say_what_they_are(cli, finished_run
         code, _, err = cli(script, *args, tmp_path / "cut.pt")
         assert code == 2 and "damaged or truncated" in err and err.count("\n") == 1, err
         code, _, err = cli(script, *args, finished_run.parent)
-        assert code == 2 and err == (f"error: {str(finished_run.parent)!r} is a folder; pass the checkpoint file in it: "
-                                     f"{finished_run}\n"), err
+        assert code == 2 and err == (f"error: {str(finished_run.parent)!r} is a folder; "
+                                     f"pass the checkpoint file in it: {finished_run}\n"), err

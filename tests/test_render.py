@@ -58,7 +58,8 @@ def test_constant_slab_matches_closed_form_transmittance_and_depth(sigma):
         return sigma * inside, color.expand(*points.shape[:-1], 3)
 
     origins, dirs = torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 1.0]])
-    out = render.render_rays(field, origins, dirs, torch.zeros(1), torch.full((1,), far), n_samples=2000, background=0.3)
+    out = render.render_rays(field, origins, dirs, torch.zeros(1), torch.full((1,), far), n_samples=2000,
+                             background=0.3)
     L = b - a
     opacity = 1 - math.exp(-sigma * L)
     # E[stop] = int_a^b t sigma e^{-sigma (t - a)} dt + e^{-sigma L} far
@@ -152,7 +153,8 @@ def test_hierarchical_sampling_finds_a_thin_wall_that_coarse_sampling_blurs():
     field = lambda p: (((p[..., 2] > 3.03) & (p[..., 2] < 3.08)).float() * 200.0, torch.ones(*p.shape[:-1], 3))
     args = (field, torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1), torch.full((1,), 8.0))
     coarse = render.render_rays(*args, n_samples=16, perturb=True, generator=torch.Generator().manual_seed(1))
-    fine = render.render_rays(*args, n_samples=16, n_importance=64, perturb=True, generator=torch.Generator().manual_seed(1))
+    fine = render.render_rays(*args, n_samples=16, n_importance=64, perturb=True,
+                              generator=torch.Generator().manual_seed(1))
     truth = 1 - math.exp(-200 * 0.05)
     assert abs(fine["opacity"].item() - truth) < abs(coarse["opacity"].item() - truth)
     assert fine["t"].shape == (1, 80) and "coarse" in fine
@@ -196,7 +198,7 @@ def test_lookup_reads_the_feature_of_the_pixel_a_point_projects_to_and_masks_the
     origins, dirs = render.get_rays(c2w, K, uv)
     points = torch.cat([origins + 2.0 * dirs,  # on each pixel's ray: sees that pixel
                         origins - 2.0 * dirs,  # behind the camera
-                        origins[:1] + 2.0 * render.get_rays(c2w, K, torch.full((1, D - 1), 3.0))[1]])  # outside the image
+                        origins[:1] + 2.0 * render.get_rays(c2w, K, torch.full((1, D - 1), 3.0))[1]])  # off-image
     feats, uv_out, depth, seen = render.lookup(features, points[None], c2w[None, None], K[None, None])
     assert feats.shape == (1, 1, 2 * n_pix + 1, 2) and seen.shape == depth.shape == (1, 1, 2 * n_pix + 1)
     assert seen[0, 0, :n_pix].all() and not seen[0, 0, n_pix:].any()
