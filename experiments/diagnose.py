@@ -128,9 +128,9 @@ def check_x0(model, problem, batch, renders, signals, seed):
     print("   t     rmse    exact spread  slope   residual")
     rows = {}
     for t in T_READ:
-        abar = model.abar[t].expand(truth.shape[0])
-        x_t = abar.sqrt().view(-1, *[1] * (truth.dim() - 1)) * truth + (1 - abar).sqrt().view(
-            -1, *[1] * (truth.dim() - 1)) * eps
+        abar = model.abar[t].expand(truth.shape[0])  # (B,)
+        a = abar.view(-1, *[1] * (truth.dim() - 1))  # (B, 1, ...)
+        x_t = a.sqrt() * truth + (1 - a).sqrt() * eps  # x_t ~ q(x_t | truth), the same eps at every t
         _, x0 = model.denoise(batch["ctxt_obs"], batch["ctxt_params"], x_t, batch["trgt_params"],
                               torch.full((truth.shape[0],), t, dtype=torch.long))
         est, exact = (see(v).flatten(1) - mean.flatten(1) for v in (x0, exact_fn(x_t, abar)))
