@@ -13,6 +13,7 @@ are the problem's evaluate() defaults, the ones experiments/bench.py and the REA
 numbers are comparable with the tables.
 """
 import argparse
+import dataclasses
 import inspect
 import os
 import sys
@@ -113,6 +114,19 @@ def sample_image(model, cfg, context, args):
     print(f"{cfg.problem} / {cfg.model}: {args.n_samples or 3} scenes sampled from {args.image}; orbit: {gif}")
 
 
+def with_data(cfg, data, image_given):
+    """cfg with its data set at `data` (sample.py --data) if given; a checkpoint trained on posed images whose data
+    set is not where it says is refused in one line, unless --image makes the data set unneeded."""
+    if data is not None and not cfg.data:
+        raise ValueError(f"--data is for checkpoints trained on posed images (train.py --data); this one was trained "
+                         f"on the toy problem {cfg.problem}")
+    data = data or cfg.data
+    if data and not image_given and not os.path.exists(data):
+        raise FileNotFoundError(f"the data set of this checkpoint is not at {data!r}; if it moved, point to it "
+                                "with --data PATH")
+    return dataclasses.replace(cfg, data=data)
+
+
 def figure_path(figure, checkpoint):
     """--figure (with .png added if it has no extension, as savefig would), or by default samples.png beside
     a run's ckpt.pt (the name train.py writes); the figure of any other checkpoint file (one exported into
@@ -156,28 +170,38 @@ def main():
                         "(default: none)")
     parser.add_argument("--fov", type=float, help="the horizontal field of view of --image in degrees, in (0, 180); "
                         "it gives the intrinsics (square pixels, centred) (default: none; needed with --image)")
+    parser.add_argument("--data", help="checkpoints trained on posed images (train.py --data): where their data set "
+                        "is now, if it moved (default: the path the checkpoint was trained with)")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, cfg = train.load_ema_model(args.checkpoint, args.device)
-        check(args, cfg)
-        if args.image is not None:
-            from posed_images import dataset
-            context = dataset.image_context(args.image, args.fov, model.denoiser.setting.world.size)
-        compare = None
-        if args.compare:
-            if not cfg.problem.startswith("scenes3d"):
-                raise ValueError(f"--compare is for the 3D problems (scenes3d...), whose pictures show a second "
-                                 f"model; this checkpoint is of {cfg.problem}")
-            compare, compare_cfg = train.load_ema_model(args.compare, args.device)
-            if compare_cfg.problem != cfg.problem:
-                raise ValueError(f"--compare must be a checkpoint of the same problem ({cfg.problem}), "
-                                 f"got one of {compare_cfg.problem}")
-        args.figure = figure_path(args.figure, args.checkpoint)
-        os.makedirs(os.path.dirname(args.figure) or ".", exist_ok=True)  # out/samples/, after every check
-    except (ValueError, FileNotFoundError) as e:
+        run(args)
+    except KeyboardInterrupt:  # figures and GIFs are written whole (toy_problems.written_whole) or not at all
+        print("interrupted: no figure or GIF was left half-written", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError) as e:  # a bad option or file, or a bad frame found while indexing
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def run(args):
+    """Everything that is checked comes first: the checkpoints, the options, the data set and the image."""
+    model, cfg = train.load_ema_model(args.checkpoint, args.device)
+    check(args, cfg)
+    cfg = with_data(cfg, args.data, args.image is not None)
+    if args.image is not None:
+        from posed_images import dataset
+        context = dataset.image_context(args.image, args.fov, model.denoiser.setting.world.size)
+    compare = None
+    if args.compare:
+        if not cfg.problem.startswith("scenes3d"):
+            raise ValueError(f"--compare is for the 3D problems (scenes3d...), whose pictures show a second "
+                             f"model; this checkpoint is of {cfg.problem}")
+        compare, compare_cfg = train.load_ema_model(args.compare, args.device)
+        if compare_cfg.problem != cfg.problem:
+            raise ValueError(f"--compare must be a checkpoint of the same problem ({cfg.problem}), "
+                             f"got one of {compare_cfg.problem}")
+    args.figure = figure_path(args.figure, args.checkpoint)
     problem = train.load_problem(cfg)
     options = {k: getattr(args, k) for k in ("steps", "sampler", "eta", "temperature", "guidance")
                if getattr(args, k) is not None}  # only what was given: the rest stays the problem's and the sampler's

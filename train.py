@@ -21,6 +21,7 @@ is the checkpoint's, and asking for another value is an error.
 import argparse
 import copy
 import dataclasses
+import glob
 import os
 import signal
 import sys
@@ -81,18 +82,18 @@ def ema_update(ema, model, decay):
 
 def prepare_out_dir(out_dir):
     """Make the output folder and prove it writable now, not at the first checkpoint minutes later;
-    remove the ckpt.pt.tmp that a run killed while saving leaves behind."""
+    remove the ckpt.tmp<pid>.pt that a run killed while saving leaves behind. Returns whether it made the folder."""
     probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+    created = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"--out-dir {out_dir!r} must be a folder this user can write to ({e.strerror})") from None
-    try:
-        os.remove(os.path.join(out_dir, "ckpt.pt.tmp"))
-    except FileNotFoundError:
-        pass
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), "ckpt.tmp*.pt")):
+        os.remove(stale)
+    return created
 
 
 def check_new_run(path, resume=None, overwrite=False):
@@ -107,10 +108,8 @@ def check_new_run(path, resume=None, overwrite=False):
 
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: the old checkpoint survives any crash mid-write."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with toy_problems.written_whole(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -187,7 +186,10 @@ def train(cfg, resume=None, progress=True, overwrite=False):
     problem = load_problem(cfg, progress and rank == 0)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build_model(cfg)  # a model the problem does not have (scenes3d's oracle) is refused here
-    prepare_out_dir(cfg.out_dir)
+    first_step = ckpt["step"] if resume else 0
+    # a data set on disk is indexed and checked here, frame by frame, before the output folder exists
+    batches = problem.loader(cfg.batch_size // world, cfg.seed, rank, range(first_step, cfg.steps)) if cfg.data else None
+    created = prepare_out_dir(cfg.out_dir)
     if distributed:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
         if cfg.device == "cuda":
@@ -205,8 +207,6 @@ def train(cfg, resume=None, progress=True, overwrite=False):
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
         step, train_seconds, curve = ckpt["step"], ckpt["train_seconds"], ckpt.get("curve", [])
-    first_step = step
-    batches = problem.loader(cfg.batch_size // world, cfg.seed, rank, range(step, cfg.steps)) if cfg.data else None
     ddp_model = DistributedDataParallel(model) if distributed else model
 
     def checkpoint():
@@ -281,6 +281,8 @@ def train(cfg, resume=None, progress=True, overwrite=False):
         bar.close()
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)
+        if created and rank == 0 and not os.listdir(cfg.out_dir):  # a run stopped before any checkpoint: no folder
+            os.rmdir(cfg.out_dir)
     seconds_per_step = (train_seconds + time.perf_counter() - start_time - eval_seconds) / max(1, step)
     if distributed:
         dist.barrier()

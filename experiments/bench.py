@@ -72,10 +72,13 @@ def load_weights(path, cfg):
 
 
 def export(path, target):
-    """A checkpoint of the EMA weights only (no optimizer state, no raw weights), loadable by train.load_ema_model;
-    it cannot be resumed."""
+    """A checkpoint of the EMA weights only, in half precision (no optimizer state, no raw weights), loadable by
+    train.load_ema_model, which copies them into the model's float32 weights; it cannot be resumed. Half precision
+    halves the files that the repository ships (notebooks/*.pt); the rounding moves the scores by far less than
+    their sampling noise (tests/test_bench.py compares them with the results files)."""
     ckpt, _ = train.load_checkpoint(path)
-    slim = {k: ckpt[k] for k in ("config", "ema", "step", "train_seconds")}
+    slim = {k: ckpt[k] for k in ("config", "step", "train_seconds")}
+    slim["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     slim["model"] = slim["ema"]  # the same tensors: stored once
     train.save_checkpoint(target, slim)
 
@@ -99,7 +102,6 @@ def run_one(problem, name, kind, seed, args):
     evaluate_kwargs = {k: v for k, v in (("n_contexts", args.n_contexts), ("n_samples", args.n_samples),
                                          ("steps", args.sample_steps)) if v is not None}
     if name in SCENES3D and seed == args.seed:  # each context's histogram of sampled back colours
-        os.makedirs(args.figures, exist_ok=True)
         evaluate_kwargs["histogram_path"] = os.path.join(args.figures, f"{name}-{kind}-histograms.png")
     scores = problem.evaluate(model, seed=seed, **evaluate_kwargs)
     scores["train ms/step"] = 1000 * seconds_per_step
@@ -113,7 +115,6 @@ def draw(problem, name, models, seed, args):
     """The first seed's figures: each model's samples (and a GIF of DFM's where the problem has cameras); for
     the 3D problem DFM's sampled scenes beside the deterministic prediction, as a figure and an orbit."""
     kwargs = {"steps": args.sample_steps} if args.sample_steps else {}
-    os.makedirs(args.figures, exist_ok=True)
     if name in SCENES3D:
         compare = models["deterministic"]
         problem.plot(models["dfm"], os.path.join(args.figures, f"{name}-samples.png"), seed=seed, compare=compare,
@@ -203,9 +204,7 @@ def plot_curves(results, path):
     fig.suptitle(f"{results['problem']}: learning curves, {len(results['seeds'])} seeds (scored while training on "
                  f"{e['n_contexts']} contexts x {e['n_samples']} samples, {e['steps']} DDIM steps)", fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    toy_problems.save_figure(fig, path, dpi=100)
 
 
 # -----------------------------------------------------------------------------
@@ -363,7 +362,7 @@ def main():
     args = parser.parse_args()
     try:
         if args.table:
-            print(tables.any_table(tables.load_results(args.table)))
+            print(tables.table_of(args.table))
             return
         if args.readme:
             tables.rewrite(args.results or os.path.join("assets", "results"))
@@ -385,6 +384,9 @@ def main():
     except (ValueError, FileNotFoundError) as e:  # a bad option or file, or a run in --out that does not match
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # training saved its checkpoint; every file is written whole or not at all
+        print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -213,8 +213,17 @@ def main():
         if oracle_cfg.problem != cfg.problem or (oracle is not None and oracle.kind != "oracle"):
             raise ValueError(f"--oracle {args.oracle} must be an oracle checkpoint of {cfg.problem}, "
                              f"got a {oracle_cfg.model} model of {oracle_cfg.problem}")
+        run(model, oracle, cfg, args)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(model, oracle, cfg, args):
+    """The three checks, on the held-out contexts of args.seed."""
     problem = toy_problems.load(cfg.problem)
     batch = problem.held_out_batch(args.n_contexts, args.seed)
     generator = torch.Generator().manual_seed(args.seed)

@@ -23,7 +23,7 @@ scene rendered with back colour(s) k,
 """
 import argparse
 import itertools
-import os
+import sys
 
 import torch
 
@@ -140,15 +140,30 @@ def main():
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="held-out contexts and noise (default 0)")
     args = parser.parse_args()
-    for name in ("n_contexts", "n_samples", "steps"):
-        if getattr(args, name) < (2 if name == "n_samples" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'n_samples' else 1}")
-    if not os.path.isfile(args.checkpoint):
-        parser.error(f"no checkpoint file at {args.checkpoint}")
-    model, cfg = train.load_ema_model(args.checkpoint)
-    step = train.load_checkpoint(args.checkpoint)[0]["step"]
-    if not cfg.problem.startswith("scenes3d") or model.kind != "dfm":
-        parser.error(f"{args.checkpoint} holds a {cfg.problem} {model.kind} model; expected a scenes3d dfm model")
+    try:
+        for name in ("n_contexts", "n_samples", "steps"):
+            if getattr(args, name) < (2 if name == "n_samples" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {2 if name == 'n_samples' else 1}, "
+                                 f"got {getattr(args, name)}")
+        ckpt, cfg = train.load_checkpoint(args.checkpoint)  # a one-line error for a missing or damaged file
+        if not cfg.problem.startswith("scenes3d") or cfg.model != "dfm" or cfg.data:
+            raise ValueError(f"{args.checkpoint} holds a {cfg.problem} {cfg.model} model"
+                             + (f" trained on --data {cfg.data}" if cfg.data else "") +
+                             "; this diagnoses a scenes3d dfm model trained on the toy's scenes, whose hidden half "
+                             "it knows exactly")
+        model, cfg = train.load_ema_model(args.checkpoint)
+        step = ckpt["step"]
+        run(model, cfg, step, args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(model, cfg, step, args):
+    """The four checks, on the held-out contexts of args.seed."""
     model.eval()
     problem = toy_problems.load(cfg.problem)
     setting = model.denoiser.setting

@@ -129,8 +129,7 @@ STUDIES = {"finite": (study_finite, ["S", "V"], "finitely many observations per 
 
 def save(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toy_problems.save_figure(fig, path)
 
 
 def plot_finite(rows, path):
@@ -233,7 +232,6 @@ def main():
         parser.error(f"--steps must be an integer >= 1, got {args.steps}")
     if not 0 <= args.seed < 2 ** toy_problems.SEED_BITS:
         parser.error(f"--seed must be in [0, 2^{toy_problems.SEED_BITS}), got {args.seed}")
-    os.makedirs(args.save, exist_ok=True)
     for name in STUDIES if args.study == "all" else [args.study]:
         study, varied, title = STUDIES[name]
         try:
@@ -241,6 +239,9 @@ def main():
         except (ValueError, FileNotFoundError) as e:  # a run in --out with another config, or a bad option
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt as e:  # the run saved its checkpoint, and --out reuses it next time
+            print(str(e) or "interrupted", file=sys.stderr)
+            sys.exit(130)
         setting = dict(small=args.small, seed=args.seed, budget=SMALL_BUDGET if args.small else BUDGET,
                        steps=args.steps, tiny=args.tiny)
         command = "python -m experiments.study " + " ".join(sys.argv[1:])

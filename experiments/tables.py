@@ -18,6 +18,8 @@ import statistics
 
 import torch
 
+import toy_problems
+
 TIMINGS = ["train ms/step", "sample ms/sample"]
 ONE_THREAD = "1 thread"  # the speed setting of the summary's CPU minutes
 # The distance each problem's summary row shows, and the order of the rows.
@@ -102,6 +104,8 @@ def memory_table(results):
 
 def any_table(results):
     """The table of a results file, whichever kind it is."""
+    if "study" in results:
+        return study_tables(results)
     return {"speed": speed_table, "memory3d": memory_table}.get(results["problem"], results_table)(results)
 
 
@@ -163,9 +167,22 @@ def load_results(path):
     with open(path) as f:
         text = f.read()
     try:
-        return json.loads(text)
+        results = json.loads(text)
     except json.JSONDecodeError:
         raise ValueError(f"{path} is " + ("empty" if not text.strip() else "not whole JSON (truncated?)")) from None
+    if not isinstance(results, dict) or not ("problem" in results or "study" in results):
+        raise ValueError(f"{path} is not a results file of experiments/bench.py or study.py (expected a JSON object "
+                         "with a 'problem' or 'study' entry)")
+    return results
+
+
+def table_of(path):
+    """The markdown table of one results file (bench.py --table), or a one-line ValueError for a malformed one."""
+    results = load_results(path)
+    try:
+        return any_table(results)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"{path} is not a whole results file: its entry {e} is missing or of the wrong type") from None
 
 
 def machine():
@@ -177,10 +194,8 @@ def machine():
 
 def write_json(results, path):
     """Write results to path whole (a temporary file, then rename): a killed run leaves the last results."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with toy_problems.written_whole(path) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def with_tables(text, results_dir, studies_dir):
@@ -209,9 +224,9 @@ def rewrite(results_dir, studies_dir=os.path.join("assets", "studies"), files=FI
             old = f.read()
         try:
             texts[path] = with_tables(old, results_dir, studies_dir)
-        except KeyError as e:
-            raise ValueError(f"{path}: a results file in {results_dir} or {studies_dir} lacks the entry {e}") from None
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(f"{path}: a results file in {results_dir} or {studies_dir} lacks the entry {e} "
+                             "(or has it of the wrong type)") from None
     for path, text in texts.items():
-        with open(path + ".tmp", "w") as f:
+        with toy_problems.written_whole(path) as tmp, open(tmp, "w") as f:
             f.write(text)
-        os.replace(path + ".tmp", path)

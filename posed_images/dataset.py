@@ -31,9 +31,11 @@ from tqdm import tqdm
 import dfm
 import toy_problems
 from toy_problems import metrics, scenes3d, scenes3d_eval
-from posed_images.formats import READERS, bad, check_files, load_frames, read_co3d, read_co3d_annotations, read_cameras
+from posed_images.formats import (READERS, bad, check_files, check_finished, load_frames, read_co3d,
+                                  read_co3d_annotations, read_cameras)
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "multiview")  # decoded, resized images
+CACHE_VERSION = 2  # in every cache file's name: 2 reads 16-bit grey frames right (1 read them as almost white)
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,13 @@ def find_sequences(path, format, progress=True):
 
     re10k: one <sequence>.txt or a folder of them; co3d: a sequence folder, a category folder (with
     frame_annotations.jgz), a root of categories, or a set list <category>/set_lists/*.json (its "train"
-    frames); blender: one transforms_*.json or a folder searched for */transforms_train.json."""
+    frames); blender: one transforms_*.json or a folder searched for */transforms_train.json.
+    Every camera is checked here (formats.py's readers); a data set still being built is refused."""
     if format not in READERS:
         raise ValueError(f"unknown format {format!r}: expected one of {', '.join(READERS)}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
+    check_finished([path])
     if format == "co3d":
         return find_co3d(path, progress)
     ext = {"re10k": ".txt", "blender": ".json"}[format]
@@ -97,6 +101,7 @@ def find_sequences(path, format, progress=True):
     if not files:
         raise FileNotFoundError(f"{path}: no {'*' + ext if format == 're10k' else 'transforms_train.json'} "
                                 f"found for format {format}")
+    check_finished(files)  # a folder of data sets may hold one still being built
     return [with_scale(read_cameras(f, format), format) for f in tqdm(files, desc="indexing", disable=not progress)]
 
 
@@ -105,10 +110,14 @@ def find_co3d(path, progress):
     path = os.path.normpath(path)
     jobs = []  # (category folder, sequence names or None for all, frame numbers per sequence or None)
     if path.endswith(".json"):  # a set list: {"train": [[sequence, frame_number, image path], ...], ...}
-        with open(path) as f:
-            train = json.load(f).get("train") or []
-        if not train:
-            raise bad(path, 'expected a CO3D set list with a non-empty "train" list of [sequence, frame, path]')
+        try:
+            with open(path) as f:
+                train = json.load(f).get("train")
+        except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+            train = None
+        if not (isinstance(train, list) and train and all(isinstance(t, list) and len(t) == 3 for t in train)):
+            raise bad(path, 'expected a CO3D set list: a JSON object with a non-empty "train" list of '
+                            '[sequence, frame, path]')
         keep = {}
         for name, frame, _ in train:
             keep.setdefault(name, set()).add(frame)
@@ -158,12 +167,14 @@ class SceneSet:
     def cache_file(self, seq):
         """Named by everything the cached images depend on: the frames (and when they changed), the size."""
         stamp = [(f, os.path.getmtime(f)) for f in seq["files"]]
-        key = hashlib.sha1(json.dumps([stamp, np.asarray(seq["K"]).tolist(), self.size]).encode()).hexdigest()
-        return os.path.join(self.cache_dir, f"{self.format}-{self.size}", key[:20] + ".pt")
+        key = hashlib.sha1(json.dumps([CACHE_VERSION, stamp, np.asarray(seq["K"]).tolist(), self.size]).encode())
+        return os.path.join(self.cache_dir, f"{self.format}-{self.size}", key.hexdigest()[:20] + ".pt")
 
     def prepare(self, workers, rank, progress):
-        """Decode every sequence not cached yet, in DataLoader workers. Each process starts at its own place in
-        the list (rank), so that processes of one run share the work; a cache file appears atomically."""
+        """Decode every sequence not cached yet, in DataLoader workers: this is where each frame is read whole and
+        checked (formats.load_frames), once, since a cached sequence was checked when it was cached. Each process
+        starts at its own place in the list (rank), so that processes of one run share the work; a cache file is
+        written whole or not at all."""
         self.files = [self.cache_file(s) for s in self.sequences]
         start = rank * len(self.files) // int(os.environ.get("WORLD_SIZE", 1))  # under torchrun, a share each
         order = list(range(start, len(self.files))) + list(range(start))
@@ -230,14 +241,18 @@ class _CacheJobs(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         i = self.todo[k]
+        if os.path.exists(self.data.files[i]):  # another process of the run got here first
+            return ""
         try:
             images, K = load_frames(self.data.sequences[i], size=self.data.size)
         except (ValueError, OSError) as e:
             return str(e)
-        os.makedirs(os.path.dirname(self.data.files[i]), exist_ok=True)
-        tmp = f"{self.data.files[i]}.{os.getpid()}.tmp"
-        torch.save({"images": ((images + 1) * 127.5).round().to(torch.uint8), "K": K}, tmp)
-        os.replace(tmp, self.data.files[i])
+        try:
+            with toy_problems.written_whole(self.data.files[i]) as tmp:
+                torch.save({"images": ((images + 1) * 127.5).round().to(torch.uint8), "K": K}, tmp)
+        except OSError as e:
+            return (f"{self.data.files[i]}: cannot write the image cache ({e.strerror or e}); it needs a writable "
+                    f"{self.data.cache_dir} with room for the decoded images")
         return ""
 
 
@@ -271,8 +286,9 @@ def setting_for(name, format):
 def problem(name, data, format, frame_window=0, workers=0, progress=True):
     """The toy protocol (toy_problems/__init__.py) of scenes3d setting `name` on the data set at `data`.
 
-    The data set is indexed (and its images cached) when a batch is first asked for, so that building a
-    model, e.g. to sample from a checkpoint, reads nothing."""
+    The data set is indexed, checked and its images cached (SceneSet) when a batch or the loader is first
+    asked for (train.py asks for the loader before it writes anything), so that building a model, e.g. to
+    sample from a checkpoint, reads nothing."""
     setting = setting_for(name, format)
 
     opened = []
@@ -395,11 +411,11 @@ def image_context(path, fov_deg, size):
         raise ValueError(f"--fov must be in (0, 180) degrees, got {fov_deg}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image")
-    try:
-        image = read_image(path)
-    except OSError as e:
-        raise ValueError(f"{path}: not an image PIL can read ({e})") from None
+    image = read_image(path)  # a one-line error naming the file if PIL cannot read it whole
     H, W = image.shape[-2:]
+    if min(H, W) < size:  # enlarging would invent detail the model never saw in training
+        raise ValueError(f"{path}: the image is {W}x{H} (WxH); this model needs at least {size} pixels on its "
+                         f"shorter side (it is centre-cropped to a square and resized to {size}x{size})")
     fx = 0.5 / math.tan(math.radians(fov_deg) / 2)  # normalised by W
     K = torch.tensor([[fx, 0.0, 0.5], [0.0, fx * W / H, 0.5], [0.0, 0.0, 1.0]])
     image, K = crop_and_resize(image, K, size)

@@ -19,10 +19,17 @@ then random views all around, which show the hidden part and teach its prior),
 transforms_test.json (three cameras on the far side) and posterior.pt: for each far camera the
 pixels where the hidden part is in view and the renders of the true geometry with the hidden
 part in every palette colour. hidden_scores() classifies a model's samples against those.
+
+The set is built in OUT.partial and renamed to OUT when every scene is there, so OUT is complete or
+absent, and train.py refuses OUT.partial. After an interruption (Ctrl-C), the same command resumes
+the build: it keeps the scenes already written and renders the rest, the same ones an uninterrupted
+build would.
 """
 import argparse
 import math
 import os
+import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -34,7 +41,8 @@ from tqdm import tqdm
 
 import dfm
 import render
-from posed_images import formats
+import toy_problems
+from posed_images import formats, writers
 from toy_problems import metrics, scenes3d, scenes3d_world as world_lib
 
 PYVISTA = "pyvista==0.49.1"
@@ -125,9 +133,8 @@ def fetch_meshes(cache_dir=None):
             raise RuntimeError(f"pip download {PYVISTA} failed: {lines[-1]}")
         with zipfile.ZipFile(os.path.join(cache_dir, wheels[0])) as wheel:
             for name, path in paths.items():
-                with open(path + ".tmp", "wb") as f:
+                with toy_problems.written_whole(path) as tmp, open(tmp, "wb") as f:
                     f.write(wheel.read(f"pyvista/examples/{name}.ply"))
-                os.replace(path + ".tmp", path)
         os.remove(os.path.join(cache_dir, wheels[0]))
     meshes = {}
     for name, path in paths.items():
@@ -230,14 +237,25 @@ def place(vertices, generator):
     return centred / centred.norm(dim=-1).max() * radius @ random_rotation(generator).T
 
 
-def write_scene(folder, vertices, faces, n_views, size, generator):
-    """One scene (module docstring) in NeRF-synthetic format, with its posterior.pt; returns the palette indices."""
-    seen_colour, hidden_colour = torch.randint(len(PALETTE), (2,), generator=generator).tolist()
+def draw_scene(vertices, n_views, generator):
+    """A scene's random parts: the mesh placed (place), its seen and hidden palette colours, and its training
+    views (azimuth, elevation) in degrees, frame 0 the context. Nothing is rendered, so that a resumed build can
+    draw the scenes it already has, and go on drawing exactly what an uninterrupted build would."""
+    placed = place(vertices, generator)
+    colours = torch.randint(len(PALETTE), (2,), generator=generator).tolist()
     ctxt_az = 360 * torch.rand((), generator=generator).item()
     views = [(ctxt_az, 25.0)] + [(360 * torch.rand((), generator=generator).item(),
                                   10 + 40 * torch.rand((), generator=generator).item()) for _ in range(n_views - 1)]
+    return {"vertices": placed, "colours": colours, "views": views}
+
+
+def write_scene(folder, scene, faces, size):
+    """One scene of draw_scene (module docstring) in NeRF-synthetic format, with its posterior.pt; returns the
+    palette indices of its seen and hidden part."""
+    vertices, (seen_colour, hidden_colour), views = scene["vertices"], scene["colours"], scene["views"]
     ctxt_c2w, ctxt_K = camera(*views[0], size)
-    for split, angles in (("train", views), ("test", [(ctxt_az + d, 25.0) for d in world_lib.FAR_SIDE_DEG])):
+    far = [(views[0][0] + d, 25.0) for d in world_lib.FAR_SIDE_DEG]
+    for split, angles in (("train", views), ("test", far)):
         c2w, K, images, alpha, renders, hidden = [], [], [], [], [], []
         for az, el in angles:
             pose, k = camera(az, el, size)
@@ -246,23 +264,80 @@ def write_scene(folder, vertices, faces, n_views, size, generator):
             images.append(paint(shade, part, seen_colour, hidden_colour))
             renders.append(torch.stack([paint(shade, part, seen_colour, h) for h in range(len(PALETTE))]))
             hidden.append(world_lib.erode((part == 1)[None])[0])  # away from the silhouette and the seen part
-        formats.write_blender(os.path.join(folder, f"transforms_{split}.json"), torch.stack(c2w), torch.stack(K),
+        writers.write_blender(os.path.join(folder, f"transforms_{split}.json"), torch.stack(c2w), torch.stack(K),
                                 torch.stack(images), torch.stack(alpha), context_frame=0 if split == "train" else None)
-    torch.save({"hidden": torch.stack(hidden), "palette_renders": torch.stack(renders),
-                "seen_colour": seen_colour, "hidden_colour": hidden_colour}, os.path.join(folder, "posterior.pt"))
+    with toy_problems.written_whole(os.path.join(folder, "posterior.pt")) as tmp:
+        torch.save({"hidden": torch.stack(hidden), "palette_renders": torch.stack(renders),
+                    "seen_colour": seen_colour, "hidden_colour": hidden_colour}, tmp)
     return seen_colour, hidden_colour
 
 
 def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=True):
-    """Write n_scenes scenes (mesh i % 3, each its own rotation, scale, colours and cameras) into out/scene_NNN."""
-    if os.path.isdir(out) and os.listdir(out):
-        raise ValueError(f"--out {out!r} is not empty; choose a new folder (nothing is overwritten)")
-    meshes = meshes or fetch_meshes()
+    """Write n_scenes scenes (mesh i % 3, each its own rotation, scale, colours and cameras) into out/scene_NNN.
+
+    The set is built in out.partial, which holds formats.UNFINISHED (the loaders refuse it) until every scene is
+    there, and is then renamed to out: out is whole or absent. An interrupted build resumes: the same options
+    again keep the scenes already in out.partial (each appears whole: it is written as scene_NNN.tmp, then
+    renamed) and render the rest, and since the seed draws every scene anew, the set is the one an uninterrupted
+    build writes. Raises KeyboardInterrupt("interrupted: ...") on Ctrl-C, saying how to finish."""
+    out = os.path.normpath(out)
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise ValueError(f"--out {out!r} already exists{'' if os.path.isdir(out) else ' as a file'}; choose a new "
+                         "folder (nothing is overwritten)")
+    partial = out + ".partial"
+    marker = os.path.join(partial, formats.UNFINISHED)
+    command = shlex.join(["python", "-m", "posed_images.meshes", "--out", out, "--scenes", str(n_scenes),
+                          "--views", str(n_views), "--size", str(size), "--seed", str(seed)])
+    if os.path.isdir(partial) and os.listdir(partial):  # an interrupted build
+        if not os.path.isfile(marker):
+            raise ValueError(f"{partial!r} exists and is not an unfinished build of posed_images/meshes.py; move it "
+                             "away or choose another --out")
+        with open(marker) as f:
+            started = f.read().strip()
+        if started != command:
+            raise ValueError(f"{partial} is an unfinished build of other options; finish it with: {started} "
+                             "(or delete it to start another)")
+    try:
+        with toy_problems.written_whole(marker) as tmp, open(tmp, "w") as f:  # makes the folder
+            f.write(command + "\n")
+    except OSError as e:
+        raise ValueError(f"--out {out!r}: cannot write the folder {partial!r} beside it ({e.strerror})") from None
+    try:
+        meshes = meshes or fetch_meshes()  # after the folder proved writable, not before
+    except BaseException:
+        if os.listdir(partial) == [formats.UNFINISHED]:  # nothing built yet: leave nothing behind
+            shutil.rmtree(partial)
+        raise
     generator = torch.Generator().manual_seed(seed)
     names = sorted(meshes)
-    for i in tqdm(range(n_scenes), desc="rendering scenes", disable=not progress):
-        vertices, faces = meshes[names[i % len(names)]]
-        write_scene(os.path.join(out, f"scene_{i:03d}"), place(vertices, generator), faces, n_views, size, generator)
+    folders = [os.path.join(partial, f"scene_{i:03d}") for i in range(n_scenes)]
+    done, writing = sum(os.path.isdir(f) for f in folders), None
+    bar = tqdm(total=n_scenes, initial=done, desc="rendering scenes", disable=not progress)
+    try:
+        for i, folder in enumerate(folders):
+            vertices, faces = meshes[names[i % len(names)]]
+            scene = draw_scene(vertices, n_views, generator)  # for every scene, written or not: the same draws
+            if os.path.isdir(folder):
+                continue
+            writing = folder + ".tmp"
+            shutil.rmtree(writing, ignore_errors=True)  # what a killed build left half-written
+            write_scene(writing, scene, faces, size)
+            os.rename(writing, folder)
+            done, writing = done + 1, None
+            bar.update(1)
+    except BaseException as e:  # Ctrl-C, a full disk, ...: no scene half-written
+        if writing:
+            shutil.rmtree(writing, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"interrupted: {done} of {n_scenes} scenes are in {partial}; finish the build "
+                                    f"with: {command}") from None
+        raise
+    finally:
+        bar.close()
+    os.remove(marker)
+    if os.path.isdir(out):  # an empty folder (checked above), which a folder cannot be renamed over everywhere
+        os.rmdir(out)
+    os.rename(partial, out)
 
 
 # -----------------------------------------------------------------------------
@@ -282,6 +357,9 @@ def hidden_scores(model, data, n_scenes=8, n_samples=16, steps=50, seed=0, thres
     score), sharp (the fraction of samples within RMSE threshold of one palette render), consistent (how
     often the 150 and 210 degree views of a sample agree), psnr_context (the render at the context camera)
     and scenes, how many were scored."""
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"{data}: no such folder (build one with: python -m posed_images.meshes --out {data})")
+    formats.check_finished([data])
     device, size = next(model.parameters()).device, model.denoiser.setting.world.size
     names = []
     for name in sorted(os.listdir(data)):
@@ -333,8 +411,9 @@ def hidden_scores(model, data, n_scenes=8, n_samples=16, steps=50, seed=0, thres
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join("out", "meshes"), help="a new folder for the data set "
-                        "(default: out/meshes; an existing non-empty folder is refused)")
+    parser.add_argument("--out", default=os.path.join("out", "meshes"), help="a new folder for the data set, "
+                        "built in OUT.partial and renamed to OUT when complete; after an interruption the same "
+                        "command resumes it (default: out/meshes; an existing file or non-empty folder is refused)")
     parser.add_argument("--scenes", type=int, default=48, help="scenes to render, >= 1 (default: 48)")
     parser.add_argument("--views", type=int, default=10, help="training views per scene, the context included, "
                         ">= 2 (default: 10)")
@@ -349,7 +428,10 @@ def main():
             if not ok:
                 raise ValueError(f"--{name} must be {allowed}, got {getattr(args, name)}")
         build(args.out, args.scenes, args.views, args.size, args.seed, progress=not args.no_progress)
-    except (ValueError, RuntimeError) as e:
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, RuntimeError, OSError) as e:  # OSError: a full disk, say (its message names the file)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{args.scenes} scenes in {args.out}; train with: python train.py --problem scenes3d --data {args.out} "

@@ -29,8 +29,13 @@ def run_notebook(monkeypatch, tmp_path):
     monkeypatch.setenv("DFM_FAST", "1")  # the kernel inherits both
     monkeypatch.setenv("TMPDIR", str(tmp_path))
 
-    def run(name):
+    def run(name, switch=None):
+        """switch: (old, new) to replace in the notebook's sources before it runs, e.g. its TRAIN switch."""
         notebook = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
+        if switch is not None:
+            found = [cell for cell in notebook.cells if switch[0] in cell.source]
+            assert len(found) == 1, f"{name}: {switch[0]!r} is in {len(found)} cells, expected 1"
+            found[0].source = found[0].source.replace(switch[0], switch[1])
         return nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                        resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
 

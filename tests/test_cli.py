@@ -88,7 +88,7 @@ def test_warmup_0_trains(tmp_path):
 
 
 def test_a_stale_tmp_file_of_a_killed_run_is_removed_on_start(tmp_path):
-    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "ckpt.tmp4242.pt").write_bytes(b"half a checkpoint")
     train.train(config.make_config("gp1d", steps=1, batch_size=2, eval_every=0, out_dir=str(tmp_path)), progress=False)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 

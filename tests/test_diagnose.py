@@ -80,4 +80,5 @@ def test_the_diagnostics_refuse_what_they_cannot_diagnose_in_one_line(tmp_path, 
     monkeypatch.setattr(sys, "argv", ["diagnose", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit) as stop:
         diagnose.main()
-    assert "no checkpoint" in str(stop.value) and "\n" not in str(stop.value)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: no checkpoint") and err.count("\n") == 1, err

@@ -78,9 +78,9 @@ def test_the_context_sees_only_the_seen_colour_and_the_far_side_shows_the_hidden
 
 
 def test_a_scene_is_written_as_nerf_synthetic_and_read_back_with_its_exact_posterior(tmp_path):
-    g = torch.Generator().manual_seed(2)
-    vertices = meshes.place(CUBE_VERTICES, g)
-    seen, hidden = meshes.write_scene(str(tmp_path / "scene"), vertices, CUBE_FACES, 4, 16, g)
+    scene = meshes.draw_scene(CUBE_VERTICES, 4, torch.Generator().manual_seed(2))
+    vertices = scene["vertices"]
+    seen, hidden = meshes.write_scene(str(tmp_path / "scene"), scene, CUBE_FACES, 16)
     train = formats.load_scene(str(tmp_path / "scene" / "transforms_train.json"), "blender")
     test = formats.load_scene(str(tmp_path / "scene" / "transforms_test.json"), "blender")
     posterior = torch.load(tmp_path / "scene" / "posterior.pt", weights_only=True)
@@ -107,7 +107,8 @@ def test_hidden_scores_run_on_a_built_set_and_building_never_overwrites(tmp_path
     monkeypatch.setitem(__import__("toy_problems.scenes3d", fromlist=["x"]).SETTINGS, "scenes3d", TINY)
     cube = {"cube": (CUBE_VERTICES, CUBE_FACES)}
     meshes.build(str(tmp_path / "set"), n_scenes=2, n_views=3, size=32, seed=0, meshes=cube, progress=False)
-    with pytest.raises(ValueError, match="is not empty"):
+    assert sorted(os.listdir(tmp_path)) == ["set"]  # built in set.partial, renamed when complete
+    with pytest.raises(ValueError, match="already exists; choose a new folder"):
         meshes.build(str(tmp_path / "set"), n_scenes=1, meshes=cube, progress=False)
     scores = meshes.hidden_scores(tiny_model(), str(tmp_path / "set"), n_scenes=2, n_samples=2, steps=2)
     assert scores["scenes"] == 2 and 0 <= scores["hidden_tv"] <= 0.75 and 0 <= scores["hidden_tv_floor"] <= 0.75

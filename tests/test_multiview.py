@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from posed_images import formats
+from posed_images import formats, writers
 import render
 from toy_problems import scenes3d_world as world_lib
 
@@ -73,7 +73,7 @@ def test_re10k_round_trips_and_crops(tmp_path):
     c2w, K = known_cameras(H, W)
     images, _ = render_known(c2w, K, H, W)
     path = str(tmp_path / "train" / "seq0.txt")
-    formats.write_re10k(path, c2w, K, images)
+    writers.write_re10k(path, c2w, K, images)
     scene = formats.load_scene(path, "re10k")
     assert torch.allclose(scene["c2w"], c2w, atol=1e-5) and torch.allclose(scene["K"], K, atol=1e-6)
     assert scene["images"].shape == (5, 3, H, W)
@@ -95,8 +95,8 @@ def test_co3d_round_trips_with_non_square_images(tmp_path):
     H, W = 40, 56
     c2w, K = known_cameras(H, W)
     images, _ = render_known(c2w, K, H, W)
-    formats.write_co3d(str(tmp_path), "hydrant", "seq_a", c2w, K, images)
-    formats.write_co3d(str(tmp_path), "hydrant", "seq_b", c2w[:2], K[:2], images[:2])  # another sequence beside it
+    writers.write_co3d(str(tmp_path), "hydrant", "seq_a", c2w, K, images)
+    writers.write_co3d(str(tmp_path), "hydrant", "seq_b", c2w[:2], K[:2], images[:2])  # another sequence beside it
     scene = formats.load_scene(str(tmp_path / "hydrant" / "seq_a"), "co3d")
     assert len(scene["files"]) == 5 and all(f.startswith(str(tmp_path / "hydrant" / "seq_a")) for f in scene["files"])
     assert torch.allclose(scene["c2w"], c2w, atol=1e-5) and torch.allclose(scene["K"], K, atol=1e-6)
@@ -137,7 +137,7 @@ def test_blender_round_trips_and_composites_rgba_over_black(tmp_path):
     images, alpha = render_known(c2w, K, H, W)
     written = torch.where(alpha[:, None] > 0, images, torch.ones_like(images))  # white where transparent
     path = str(tmp_path / "lego" / "transforms_train.json")
-    formats.write_blender(path, c2w, K, written, alpha=alpha)
+    writers.write_blender(path, c2w, K, written, alpha=alpha)
     meta = json.load(open(path))
     assert meta["frames"][0]["file_path"] == "./train/r_0"  # no extension, as NeRF-synthetic writes it
     scene = formats.load_scene(path, "blender")
@@ -165,7 +165,7 @@ def written_re10k(tmp_path, n=3):
     c2w, K = known_cameras(12, 16)
     images, _ = render_known(c2w[:n], K[:n], 12, 16)
     path = str(tmp_path / "train" / "seq0.txt")
-    formats.write_re10k(path, c2w[:n], K[:n], images)
+    writers.write_re10k(path, c2w[:n], K[:n], images)
     return path
 
 
@@ -197,14 +197,14 @@ def test_a_non_invertible_pose_is_named(tmp_path):
     c2w, K = known_cameras(8, 8, centred=True)
     c2w[1, :3, :3] *= 2  # a scaled camera: invertible, but not a rigid pose
     blender = str(tmp_path / "b" / "transforms_train.json")
-    formats.write_blender(blender, c2w, K, torch.zeros(len(c2w), 3, 8, 8))
+    writers.write_blender(blender, c2w, K, torch.zeros(len(c2w), 3, 8, 8))
     with pytest.raises(ValueError, match=r"transforms_train\.json: the pose of frame 1 is not a rotation"):
         formats.load_scene(blender, "blender")
 
 
 def test_an_image_whose_size_disagrees_with_its_annotation_is_named(tmp_path):
     c2w, K = known_cameras(10, 14)
-    formats.write_co3d(str(tmp_path), "cat", "s", c2w, K, torch.zeros(len(c2w), 3, 10, 14))
+    writers.write_co3d(str(tmp_path), "cat", "s", c2w, K, torch.zeros(len(c2w), 3, 10, 14))
     from PIL import Image
     Image.new("RGB", (14, 12)).save(tmp_path / "cat" / "s" / "images" / "frame000002.png")
     with pytest.raises(ValueError, match=r"frame000002\.png: the image is 14x12 \(WxH\), but .*frame_annotations"

@@ -2,12 +2,12 @@
 bounded per format, cached, made ahead by DataLoader workers, and a short training run that learns."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import config
-from posed_images import formats
-from posed_images import dataset
+from posed_images import dataset, writers
 import render
 import toy_problems
 import train
@@ -32,7 +32,7 @@ def co3d_set(tmp_path, monkeypatch):
     cameras = {}
     for k in range(3):
         c2w, K = ring(8, offset=k)
-        formats.write_co3d(str(tmp_path / "co3d"), "spheres", f"seq{k}", c2w, K, render_known(c2w, K, H, W)[0])
+        writers.write_co3d(str(tmp_path / "co3d"), "spheres", f"seq{k}", c2w, K, render_known(c2w, K, H, W)[0])
         cameras[f"seq{k}"] = c2w
     monkeypatch.setattr(dataset, "DEFAULT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", TINY)
@@ -182,7 +182,7 @@ def test_sample_py_samples_scenes_from_ones_own_image_and_scores_a_data_checkpoi
         cfg = config.make_config("scenes3d", steps=1, batch_size=2, out_dir=str(tmp_path / name), **extra)
         train.train(cfg, progress=False)
     photo = tmp_path / "my.jpg"
-    Image.fromarray((torch.rand(30, 50, 3) * 255).byte().numpy()).save(photo)  # not square, a JPEG
+    Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(photo)  # not square, a JPEG
     for name in ("data", "toy"):  # the data model puts the camera at the origin; the toy at its context camera
         monkeypatch.setattr("sys.argv", ["sample.py", str(tmp_path / name / "ckpt.pt"), "--image", str(photo),
                                          "--fov", "60", "--n-samples", "2", "--steps", "2"])
@@ -199,12 +199,17 @@ def test_sample_py_image_errors_are_one_line(tmp_path, monkeypatch, capsys, co3d
     import sample
     cfg = config.make_config("scenes3d", steps=1, batch_size=1, out_dir=str(tmp_path / "toy"))
     train.train(cfg, progress=False)
+    from PIL import Image
     garbage = tmp_path / "not-an-image.png"
     garbage.write_text("hello")
-    for extra, message in [([], "--image needs a checkpoint of a 3D problem .* and --fov"),
-                           (["--fov", "200"], r"--fov must be in \(0, 180\)"),
-                           (["--fov", "50"], "not-an-image.png: not an image PIL can read")]:
-        argv = ["sample.py", str(tmp_path / "toy" / "ckpt.pt"), "--image", str(garbage)] + extra
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((2, 600, 3), np.uint8)).save(thin)
+    for image, extra, message in [(garbage, [], "--image needs a checkpoint of a 3D problem .* and --fov"),
+                                  (garbage, ["--fov", "200"], r"--fov must be in \(0, 180\)"),
+                                  (garbage, ["--fov", "50"], "not-an-image.png: not an image PIL can read"),
+                                  (thin, ["--fov", "50"], r"thin.png: the image is 600x2 \(WxH\); this model needs "
+                                                          "at least 32 pixels on its shorter side")]:
+        argv = ["sample.py", str(tmp_path / "toy" / "ckpt.pt"), "--image", str(image)] + extra
         monkeypatch.setattr("sys.argv", argv)
         with pytest.raises(SystemExit) as exit:
             sample.main()

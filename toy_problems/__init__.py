@@ -32,7 +32,9 @@ data set (train.py --signals) from dataset_generator(s). The three streams can n
 generator alike, whatever s, k and r (stream_seed says how), so a held-out context is never
 a training example's context, and distinct seeds draw distinct numbers.
 """
+import contextlib
 import importlib
+import os
 
 import torch
 
@@ -139,3 +141,38 @@ def finite_batch(views, batch_size, generator, n_ctxt=1, fixed_context=False, de
         novel = take_one(n_ctxt + 1)
         batch["novel_obs"], batch["novel_params"] = novel["obs"], novel["params"]
     return dfm.map_batch(lambda v: v.to(device), batch)
+
+
+@contextlib.contextmanager
+def written_whole(path):
+    """with written_whole(path) as tmp: write to tmp. A file is written whole or not at all: the writer writes a
+    temporary file beside path (with path's extension, for writers that infer the format from it), renamed to path
+    only when the block ends without an error; a Ctrl-C or an error leaves path as it was and removes the rest."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(folder, f"{stem}.tmp{os.getpid()}{ext}")  # one per process: torchrun's may write one file
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_figure(fig, path, dpi=110):
+    """Save a matplotlib figure whole (written_whole) and close it."""
+    import matplotlib.pyplot as plt
+    with written_whole(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+
+
+def save_animation(fig, animation, path, fps=8):
+    """Save a matplotlib animation of fig as a GIF, whole (written_whole: a Ctrl-C mid-GIF leaves no short GIF), and
+    close fig."""
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import PillowWriter
+    with written_whole(path) as tmp:
+        animation.save(tmp, writer=PillowWriter(fps=fps))
+    plt.close(fig)

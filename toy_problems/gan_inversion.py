@@ -265,5 +265,4 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=5, steps=50):
     fig.suptitle(f"GAN inversion, {model.kind}: completions of a half-visible image, and two hidden latents",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toy_problems.save_figure(fig, path)

