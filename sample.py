@@ -114,14 +114,26 @@ def sample_image(model, cfg, context, args):
     print(f"{cfg.problem} / {cfg.model}: {args.n_samples or 3} scenes sampled from {args.image}; orbit: {gif}")
 
 
-def with_data(cfg, data, image_given):
+def score_meshes(model, cfg, args):
+    """sample.py --meshes: the hidden colour of a test set of posed_images/meshes.py against its exact posterior."""
+    if not cfg.problem.startswith("scenes3d"):
+        raise ValueError(f"--meshes is for checkpoints of the 3D problems (scenes3d*), not {cfg.problem}")
+    from posed_images import mesh_scores
+    scores = mesh_scores.hidden_scores(model, args.meshes, cfg.data, n_scenes=args.n_contexts or 8,
+                                       n_samples=args.n_samples or 16, steps=args.steps or 50, seed=args.seed)
+    print(f"{cfg.problem} / {cfg.model} on {args.meshes}:")
+    for name, value in scores.items():
+        print(f"  {name:>24s}  {value:.4f}")
+
+
+def with_data(cfg, data, needs_no_data):
     """cfg with its data set at `data` (sample.py --data) if given; a checkpoint trained on posed images whose data
-    set is not where it says is refused in one line, unless --image makes the data set unneeded."""
+    set is not where it says is refused in one line, unless what is asked needs no data set (--image, --meshes)."""
     if data is not None and not cfg.data:
         raise ValueError(f"--data is for checkpoints trained on posed images (train.py --data); this one was trained "
                          f"on the toy problem {cfg.problem}")
     data = data or cfg.data
-    if data and not image_given and not os.path.exists(data):
+    if data and not needs_no_data and not os.path.exists(data):
         raise FileNotFoundError(f"the data set of this checkpoint is not at {data!r}; if it moved, point to it "
                                 "with --data PATH")
     return dataclasses.replace(cfg, data=data)
@@ -170,6 +182,9 @@ def main():
                         "(default: none)")
     parser.add_argument("--fov", type=float, help="the horizontal field of view of --image in degrees, in (0, 180); "
                         "it gives the intrinsics (square pixels, centred) (default: none; needed with --image)")
+    parser.add_argument("--meshes", metavar="DIR", help="3D checkpoints: score the hidden colour on this test set of "
+                        "posed_images/meshes.py (built with --split test) instead of the held-out draws; it refuses a "
+                        "set the checkpoint trained on (default: none)")
     parser.add_argument("--data", help="checkpoints trained on posed images (train.py --data): where their data set "
                         "is now, if it moved (default: the path the checkpoint was trained with)")
     args = parser.parse_args()
@@ -188,7 +203,7 @@ def run(args):
     """Everything that is checked comes first: the checkpoints, the options, the data set and the image."""
     model, cfg = train.load_ema_model(args.checkpoint, args.device)
     check(args, cfg)
-    cfg = with_data(cfg, args.data, args.image is not None)
+    cfg = with_data(cfg, args.data, args.image is not None or args.meshes is not None)
     if args.image is not None:
         from posed_images import dataset
         context = dataset.image_context(args.image, args.fov, model.denoiser.setting.world.size)
@@ -202,10 +217,13 @@ def run(args):
             raise ValueError(f"--compare must be a checkpoint of the same problem ({cfg.problem}), "
                              f"got one of {compare_cfg.problem}")
     args.figure = figure_path(args.figure, args.checkpoint)
-    problem = train.load_problem(cfg)
     options = {k: getattr(args, k) for k in ("steps", "sampler", "eta", "temperature", "guidance")
                if getattr(args, k) is not None}  # only what was given: the rest stays the problem's and the sampler's
     use_sampler(model, **options)  # steps too, so the figure uses them as well
+    if args.meshes is not None:
+        score_meshes(model, cfg, args)
+        return
+    problem = train.load_problem(cfg)
     if args.image is not None:
         sample_image(model, cfg, context, args)
         return

@@ -11,9 +11,11 @@ What real data needs that the toy did not:
   DEFAULT_CACHE), by DataLoader workers with a progress bar; training batches are then made
   ahead by workers too (StepBatches), so a GPU does not wait on JPEG decoding.
 - Examples from one sequence: a context frame, and a target and a novel frame at most
-  --frame-window frames away from it (the authors draw CO3D's target 20 to 40 frames away).
+  --frame-window frames away from it (the authors draw CO3D's target 20 to 40 frames away). In a
+  sequence that names its context frame (NeRF-synthetic's context_frame, as posed_images/meshes.py
+  writes), most targets are far-side frames, chosen from the cameras alone, as in the toy (pick_frames).
 - Scores that need no exact posterior (evaluate): PSNR, SSIM and LPIPS of the sampled scenes at
-  the context view and at the target view nearby.
+  the context view and at the target view (drawn as in training).
 """
 import functools
 import glob
@@ -31,9 +33,11 @@ from tqdm import tqdm
 import dfm
 import toy_problems
 from toy_problems import metrics, scenes3d, scenes3d_eval
+from posed_images import meshes
 from posed_images.formats import (READERS, bad, check_files, check_finished, load_frames, read_co3d,
                                   read_co3d_annotations, read_cameras)
 
+FAR_DEG = 90.0  # a frame is on the far side when its optical axis is more than this from the context camera's
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "multiview")  # decoded, resized images
 CACHE_VERSION = 2  # in every cache file's name: 2 reads 16-bit grey frames right (1 read them as almost white)
 
@@ -151,8 +155,9 @@ class SceneSet:
     into a cache (uint8, one file per sequence), and examples drawn from it like scenes3d's batches."""
 
     def __init__(self, path, format, size, frame_window=0, patch=12, cache_dir=None, workers=0, rank=0,
-                 progress=True):
+                 progress=True, far_targets=scenes3d.FAR_TARGETS):
         self.format, self.size, self.frame_window, self.patch = format, size, frame_window, patch
+        self.far_targets = far_targets  # the share of targets drawn among far-side frames (pick_frames)
         self.cache_dir = cache_dir or DEFAULT_CACHE
         sequences = find_sequences(path, format, progress)
         self.sequences = [s for s in sequences if len(s["files"]) >= 2]
@@ -161,6 +166,7 @@ class SceneSet:
                   "(a context and a target)", file=sys.stderr)
         if not self.sequences:
             raise ValueError(f"{path}: no sequence with at least 2 frames")
+        self.far = [far_frames(s) for s in self.sequences]  # (N,) bool each, or None without a context frame
         self.prepare(workers, rank, progress)
         self.opened = {}
 
@@ -194,15 +200,29 @@ class SceneSet:
     def __getstate__(self):  # DataLoader workers open their own memory maps
         return {**self.__dict__, "opened": {}}
 
-    def pick_frames(self, n_frames, generator, context=None):
+    def pick_frames(self, n_frames, generator, context=None, far=None):
         """(context, target, novel) frame indices of a sequence of n_frames: the target and novel frames are
         other frames at most frame_window away from the context (any, with frame_window 0); the novel frame is
-        the target again if the window holds only one other frame."""
+        the target again if the window holds only one other frame.
+
+        far (n_frames,) bool, for a sequence with a context frame (far_frames): with probability far_targets the
+        target is drawn among the far-side frames in the window (if it holds any), else among all of them, as the
+        toy draws FAR_TARGETS of its targets on the far half of the ring (scenes3d.sample_batch): a random view
+        shows little of what the context hides. The novel frame is any other. This leaves the optimum of the
+        objective where it was: the choice depends on the cameras alone, never the images, and the cameras are
+        independent of the hidden colour, so it changes how much each view weighs in the loss, not the
+        distribution (the posterior given the context) that each view's loss is minimised by."""
         if context is None:
             context = int(torch.randint(n_frames, (), generator=generator))
         near = torch.arange(n_frames)
         near = near[(near != context) & ((near - context).abs() <= (self.frame_window or n_frames))]
-        order = near[torch.randperm(len(near), generator=generator)]
+        far_near = near[far[near]] if far is not None else near[:0]
+        if len(far_near) and torch.rand((), generator=generator) < self.far_targets:
+            target = far_near[torch.randint(len(far_near), (), generator=generator)]
+            rest = near[near != target]
+            order = torch.cat([target[None], rest[torch.randperm(len(rest), generator=generator)]])
+        else:
+            order = near[torch.randperm(len(near), generator=generator)]
         return context, int(order[0]), int(order[min(1, len(order) - 1)])
 
     def example(self, i, frames):
@@ -218,7 +238,8 @@ class SceneSet:
         random patches of the target and novel view), plus sequence (B,) and frames (B, 3) to find them again."""
         which = torch.randint(len(self.sequences), (batch_size,), generator=generator)  # (B,)
         frames = torch.tensor([self.pick_frames(len(self.sequences[i]["files"]), generator,
-                                                self.sequences[i].get("context")) for i in which.tolist()])  # (B, 3)
+                                                self.sequences[i].get("context"), self.far[i])
+                               for i in which.tolist()])  # (B, 3)
         examples = [self.example(i, f.tolist()) for i, f in zip(which.tolist(), frames)]
         obs, c2w, K = (torch.stack(x) for x in zip(*examples))  # (B, 3, 3, S, S), (B, 3, 4, 4), (B, 3, 3, 3)
         params = lambda v: {"c2w": c2w[:, v], "K": K[:, v]}  # noqa: E731
@@ -228,6 +249,26 @@ class SceneSet:
                      novel_pixels=scenes3d.random_patches(batch_size, self.size, self.patch, generator),
                      sequence=which, frames=frames)
         return dfm.map_batch(lambda v: v.to(device), batch)
+
+
+def far_frames(seq):
+    """Which frames (N,) bool of a sequence that names its context frame see the scene from the far side: their
+    optical axis more than FAR_DEG from the context camera's. Cameras only, never images; None without a
+    context frame (a random context has no far side)."""
+    if seq.get("context") is None:
+        return None
+    axes = torch.as_tensor(seq["c2w"][:, :3, 2], dtype=torch.float64)  # (N, 3) the forward axes (OpenCV: +z)
+    return axes @ axes[seq["context"]] < math.cos(math.radians(FAR_DEG))
+
+
+def check_not_held_out(sequences):
+    """Refuse to train on a test set of posed_images/meshes.py (built with --split test): its scenes are the
+    held-out ones that mesh_scores.hidden_scores measures."""
+    for seq in sequences:
+        found = meshes.read_manifest(seq["files"][0])
+        if found and found[1]["split"] == "test":
+            raise ValueError(f"{found[0]}: a test set (its {meshes.MANIFEST} says split test), held out for "
+                             "scoring; train on a training set, built with: python -m posed_images.meshes --out DIR")
 
 
 class _CacheJobs(torch.utils.data.Dataset):
@@ -303,7 +344,9 @@ def problem(name, data, format, frame_window=0, workers=0, progress=True):
         return dataset().sample_batch(batch_size, generator, device)
 
     def loader(batch_size, seed, rank, steps):
-        """Training batches of the steps in `steps` (a range), made ahead by `workers` DataLoader workers."""
+        """Training batches of the steps in `steps` (a range), made ahead by `workers` DataLoader workers; never
+        from a test set (check_not_held_out)."""
+        check_not_held_out(dataset(rank).sequences)
         return iter(torch.utils.data.DataLoader(StepBatches(dataset(rank), batch_size, seed, rank), batch_size=None,
                                                 sampler=steps, num_workers=workers))
 
@@ -321,7 +364,8 @@ def problem(name, data, format, frame_window=0, workers=0, progress=True):
 def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=None, **sample_kwargs):
     """Scores that need no exact posterior, averaged over samples: PSNR, SSIM and LPIPS (nan when its weights
     are unavailable) of the sampled scenes rendered at the context camera (against the context image) and at
-    the target camera, a nearby frame (against that frame: pixel scores, which the conditional mean wins)."""
+    the target camera, a frame drawn as in training (within --frame-window; mostly a far-side one in a set that
+    names its context frame), against that frame: pixel scores, which the conditional mean wins."""
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
     signal = dfm.sample_signals(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps,

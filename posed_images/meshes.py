@@ -1,7 +1,9 @@
 """Real geometry with an exact hidden part: a multi-view data set of real meshes, written as NeRF-synthetic.
 
-    python -m posed_images.meshes --out out/meshes                  # build it (fetches 3 meshes from PyPI once)
+    python -m posed_images.meshes --out out/meshes                        # a training set (fetches 3 meshes once)
+    python -m posed_images.meshes --out out/meshes-test --split test      # a test set: other scenes, held out
     python train.py --problem scenes3d --data out/meshes --format blender
+    python sample.py out/scenes3d-dfm/ckpt.pt --meshes out/meshes-test   # hidden_scores on the test set
 
 The meshes are pyvista's examples (airplane.ply, ant.ply, nut.ply; MIT), taken from its wheel on
 PyPI at run time (`pip download pyvista==0.49.1 --no-deps`, cached in DEFAULT_CACHE) and never
@@ -18,7 +20,14 @@ Each scene folder holds transforms_train.json (frame 0 the context, named by "co
 then random views all around, which show the hidden part and teach its prior),
 transforms_test.json (three cameras on the far side) and posterior.pt: for each far camera the
 pixels where the hidden part is in view and the renders of the true geometry with the hidden
-part in every palette colour. hidden_scores() classifies a model's samples against those.
+part in every palette colour. mesh_scores.hidden_scores() classifies a model's samples against those.
+
+Train and test sets are held apart by construction: --split train (the default) draws its scenes from
+toy_problems.dataset_generator(seed), --split test from held_out_generator(seed), streams that never seed a
+generator alike (toy_problems.stream_seed), so no test scene is a training scene whatever the two seeds.
+MANIFEST (dataset.json) at the set's root records the split, stream, seed, scenes, views, size and meshes;
+train.py refuses to train on a test set, and mesh_scores.hidden_scores refuses a training set, or a set the model
+trained on.
 
 The set is built in OUT.partial and renamed to OUT when every scene is there, so OUT is complete or
 absent, and train.py refuses OUT.partial. After an interruption (Ctrl-C), the same command resumes
@@ -26,6 +35,7 @@ the build: it keeps the scenes already written and renders the rest, the same on
 build would.
 """
 import argparse
+import json
 import math
 import os
 import shlex
@@ -39,11 +49,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import dfm
 import render
 import toy_problems
 from posed_images import formats, writers
-from toy_problems import metrics, scenes3d, scenes3d_world as world_lib
+from toy_problems import scenes3d_world as world_lib
 
 PYVISTA = "pyvista==0.49.1"
 MESHES = ("airplane", "ant", "nut")  # pyvista/examples/<name>.ply in its wheel
@@ -52,6 +61,8 @@ PALETTE = world_lib.WORLD.palette  # the toy's four colours
 LIGHT = F.normalize(torch.tensor(world_lib.WORLD.light), dim=0)  # a fixed light, from above
 AMBIENT = world_lib.WORLD.ambient
 CAM_DIST, HALF_FOV_DEG = 4.0, 15.0  # the object (radius <= 1) fills most of the image
+MANIFEST = "dataset.json"  # at a built set's root: which split, stream, seed, options and meshes made it
+SPLITS = {"train": ("dataset", toy_problems.dataset_generator), "test": ("held_out", toy_problems.held_out_generator)}
 MIN_HIDDEN = 8  # scenes are scored when straight opposite shows this many hidden pixels (thin sheets, seen from
                 # both sides, have hardly any hidden part)
 
@@ -272,14 +283,21 @@ def write_scene(folder, scene, faces, size):
     return seen_colour, hidden_colour
 
 
-def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=True):
-    """Write n_scenes scenes (mesh i % 3, each its own rotation, scale, colours and cameras) into out/scene_NNN.
+def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=True, split="train"):
+    """Write n_scenes scenes (mesh i % 3, each its own rotation, scale, colours and cameras) into out/scene_NNN,
+    and MANIFEST beside them.
 
-    The set is built in out.partial, which holds formats.UNFINISHED (the loaders refuse it) until every scene is
-    there, and is then renamed to out: out is whole or absent. An interrupted build resumes: the same options
-    again keep the scenes already in out.partial (each appears whole: it is written as scene_NNN.tmp, then
-    renamed) and render the rest, and since the seed draws every scene anew, the set is the one an uninterrupted
-    build writes. Raises KeyboardInterrupt("interrupted: ...") on Ctrl-C, saying how to finish."""
+    split "train" draws the scenes from toy_problems.dataset_generator(seed), "test" from held_out_generator(seed)
+    (module docstring). The set is built in out.partial, which holds formats.UNFINISHED (the loaders refuse it)
+    until every scene is there, and is then renamed to out: out is whole or absent. An interrupted build resumes:
+    the same options again keep the scenes already in out.partial (each appears whole: it is written as
+    scene_NNN.tmp, then renamed) and render the rest, and since the seed draws every scene anew, the set is the
+    one an uninterrupted build writes. Raises KeyboardInterrupt("interrupted: ...") on Ctrl-C, saying how to
+    finish."""
+    if split not in SPLITS:
+        raise ValueError(f"--split must be train or test, got {split!r}")
+    stream, make_generator = SPLITS[split]
+    generator = make_generator(seed)  # a seed outside [0, 2^30) is refused here, before any folder is made
     out = os.path.normpath(out)
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         raise ValueError(f"--out {out!r} already exists{'' if os.path.isdir(out) else ' as a file'}; choose a new "
@@ -287,7 +305,8 @@ def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=T
     partial = out + ".partial"
     marker = os.path.join(partial, formats.UNFINISHED)
     command = shlex.join(["python", "-m", "posed_images.meshes", "--out", out, "--scenes", str(n_scenes),
-                          "--views", str(n_views), "--size", str(size), "--seed", str(seed)])
+                          "--views", str(n_views), "--size", str(size), "--seed", str(seed)]
+                         + (["--split", split] if split != "train" else []))  # train: the default, left out
     if os.path.isdir(partial) and os.listdir(partial):  # an interrupted build
         if not os.path.isfile(marker):
             raise ValueError(f"{partial!r} exists and is not an unfinished build of posed_images/meshes.py; move it "
@@ -303,12 +322,12 @@ def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=T
     except OSError as e:
         raise ValueError(f"--out {out!r}: cannot write the folder {partial!r} beside it ({e.strerror})") from None
     try:
+        fetched = meshes is None
         meshes = meshes or fetch_meshes()  # after the folder proved writable, not before
     except BaseException:
         if os.listdir(partial) == [formats.UNFINISHED]:  # nothing built yet: leave nothing behind
             shutil.rmtree(partial)
         raise
-    generator = torch.Generator().manual_seed(seed)
     names = sorted(meshes)
     folders = [os.path.join(partial, f"scene_{i:03d}") for i in range(n_scenes)]
     done, writing = sum(os.path.isdir(f) for f in folders), None
@@ -334,108 +353,72 @@ def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=T
         raise
     finally:
         bar.close()
+    manifest = {"split": split, "stream": stream, "seed": seed, "scenes": n_scenes, "views": n_views, "size": size,
+                "meshes": names, "source": PYVISTA if fetched else "given to build()", "command": command}
+    with toy_problems.written_whole(os.path.join(partial, MANIFEST)) as tmp, open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
     os.remove(marker)
     if os.path.isdir(out):  # an empty folder (checked above), which a folder cannot be renamed over everywhere
         os.rmdir(out)
     os.rename(partial, out)
 
 
-# -----------------------------------------------------------------------------
-# Scoring the hidden part against its exact posterior
-
-
-@torch.no_grad()
-def hidden_scores(model, data, n_scenes=8, n_samples=16, steps=50, seed=0, threshold=world_lib.SHARP_RMSE):
-    """How well a model's samples get the hidden colour of the first n_scenes scenes of a built set `data`,
-    scored as the toy's back colours are (scenes3d_world.hidden_colour_scores).
-
-    Scenes whose straight-opposite view shows fewer than MIN_HIDDEN hidden pixels are passed over. Samples
-    aim at the far-side camera straight opposite (where the hidden part is in view); each is rendered at the
-    three far cameras (scenes3d_world.FAR_SIDE_DEG) and classified as the palette colour whose exact render
-    is nearest on the hidden pixels. Returns hidden_tv (total variation between each scene's histogram of
-    sampled colours and the exact uniform, from straight opposite), hidden_tv_floor (what exact samples
-    score), sharp (the fraction of samples within RMSE threshold of one palette render), consistent (how
-    often the 150 and 210 degree views of a sample agree), psnr_context (the render at the context camera)
-    and scenes, how many were scored."""
-    if not os.path.isdir(data):
-        raise FileNotFoundError(f"{data}: no such folder (build one with: python -m posed_images.meshes --out {data})")
-    formats.check_finished([data])
-    device, size = next(model.parameters()).device, model.denoiser.setting.world.size
-    names = []
-    for name in sorted(os.listdir(data)):
-        path = os.path.join(data, name, "posterior.pt")
-        if len(names) < n_scenes and os.path.isfile(path):
-            hidden = torch.load(path, weights_only=True)["hidden"]
-            if hidden.shape[-1] != size:
-                raise ValueError(f"{path}: the set was built at {hidden.shape[-1]}x{hidden.shape[-1]}, the model "
-                                 f"renders {size}x{size}; build it with --size {size}")
-            if hidden[0].sum() >= MIN_HIDDEN:
-                names.append(name)
-    if not names:
-        raise ValueError(f"{data}: no scene built by posed_images/meshes.py with at least {MIN_HIDDEN} hidden pixels "
-                         "in view")
-    contexts, far, posteriors = [], [], []
-    for name in names:
-        folder = os.path.join(data, name)
-        train = formats.load_scene(os.path.join(folder, "transforms_train.json"), "blender", size)
-        test = formats.load_scene(os.path.join(folder, "transforms_test.json"), "blender", size)
-        contexts.append((train["images"][0], train["K"][0]))
-        # poses relative to the context camera, as in training: c2w (3, 4, 4), K (3, 3, 3), one per far camera
-        far.append({"c2w": torch.linalg.inv(train["c2w"][0]) @ test["c2w"], "K": test["K"]})
-        posteriors.append(torch.load(os.path.join(folder, "posterior.pt"), weights_only=True))
-    B, n = len(names), n_samples
-    ctxt_K = torch.stack([K for _, K in contexts])  # (B, 3, 3)
-    batch = {"ctxt_obs": torch.stack([image for image, _ in contexts])[:, None],  # (B, 1, 3, S, S)
-             "ctxt_params": {"c2w": torch.eye(4).expand(B, 1, 4, 4), "K": ctxt_K[:, None]},
-             "trgt_obs": torch.zeros(B, 3, size, size),  # only its shape is used
-             "trgt_params": {k: torch.stack([f[k][0] for f in far]) for k in ("c2w", "K")}}  # straight opposite
-    batch = dfm.map_batch(lambda v: v.to(device), batch)
-    signal = dfm.sample_signals(model, batch, n, torch.Generator(device=device).manual_seed(seed), steps)  # B * n
-    scores = []
-    for v in range(len(world_lib.FAR_SIDE_DEG)):
-        params = {k: torch.stack([f[k][v] for f in far]).to(device) for k in ("c2w", "K")}  # (B, ...)
-        views = scenes3d.forward(signal, dfm.repeat_batch(params, n)).view(B, n, 3, size, size)
-        keep = torch.stack([p["hidden"][v] for p in posteriors])[:, None].to(device)  # (B, 1, S, S)
-        colours = torch.stack([p["palette_renders"][v] for p in posteriors]).to(device)  # (B, K, 3, S, S)
-        scores.append(world_lib.hidden_colour_scores(views, keep, colours, threshold))
-    both = scores[1]["valid"] & scores[2]["valid"]  # (B, 1)
-    agree = (scores[1]["nearest"] == scores[2]["nearest"]).float()  # (B, n, 1)
-    identity = {"c2w": torch.eye(4, device=device).expand(B * n, 4, 4), "K": ctxt_K.to(device).repeat_interleave(n, 0)}
-    context = scenes3d.forward(signal, identity)  # (B * n, 3, S, S)
-    floor = world_lib.hidden_floor(n, B, torch.Generator().manual_seed(seed), len(PALETTE))
-    return {"hidden_tv": scores[0]["tv"], "hidden_tv_floor": floor, "sharp": scores[0]["sharp"],
-            "consistent": (agree * both[:, None]).sum().item() / max(1, n * both.sum().item()),
-            "psnr_context": metrics.psnr(context, batch["ctxt_obs"][:, 0].repeat_interleave(n, 0)).mean().item(),
-            "scenes": B}
+def read_manifest(path):
+    """(root, manifest) of the built set that holds path (a file or folder in it, or its root): the nearest
+    MANIFEST at or above path; None if there is none, or it is not one of build()'s."""
+    folder = os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path))
+    while True:
+        try:
+            with open(os.path.join(folder, MANIFEST)) as f:
+                manifest = json.load(f)
+            if isinstance(manifest, dict) and any(manifest.get("split") == split and manifest.get("stream") == stream
+                                                  for split, (stream, _) in SPLITS.items()):
+                return folder, manifest
+        except (OSError, ValueError):  # none here (or unreadable, or not JSON): look further up
+            pass
+        if os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join("out", "meshes"), help="a new folder for the data set, "
-                        "built in OUT.partial and renamed to OUT when complete; after an interruption the same "
-                        "command resumes it (default: out/meshes; an existing file or non-empty folder is refused)")
+    parser.add_argument("--split", choices=SPLITS, default="train", help="train: a training set, its scenes drawn "
+                        "from the data-set stream of --seed; test: a test set for mesh_scores.hidden_scores, from the held-out "
+                        "stream, never the same scenes (default: train)")
+    parser.add_argument("--out", help="a new folder for the data set, built in OUT.partial and renamed to OUT when "
+                        "complete; after an interruption the same command resumes it (default: out/meshes, or "
+                        "out/meshes-test with --split test; an existing file or non-empty folder is refused)")
     parser.add_argument("--scenes", type=int, default=48, help="scenes to render, >= 1 (default: 48)")
     parser.add_argument("--views", type=int, default=10, help="training views per scene, the context included, "
                         ">= 2 (default: 10)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels, >= 8 (default: 32, scenes3d's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the rotations, scales, colours and cameras "
-                        "(default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the rotations, scales, colours and cameras, "
+                        f"in [0, 2^{toy_problems.SEED_BITS}) (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: show one)")
     args = parser.parse_args()
+    args.out = args.out or os.path.join("out", "meshes" if args.split == "train" else "meshes-test")
     try:
         for name, ok, allowed in (("scenes", args.scenes >= 1, ">= 1"), ("views", args.views >= 2, ">= 2"),
-                                  ("size", args.size >= 8, ">= 8"), ("seed", args.seed >= 0, ">= 0")):
+                                  ("size", args.size >= 8, ">= 8"),
+                                  ("seed", 0 <= args.seed < 2 ** toy_problems.SEED_BITS,
+                                   f"in [0, 2^{toy_problems.SEED_BITS})")):
             if not ok:
                 raise ValueError(f"--{name} must be {allowed}, got {getattr(args, name)}")
-        build(args.out, args.scenes, args.views, args.size, args.seed, progress=not args.no_progress)
+        build(args.out, args.scenes, args.views, args.size, args.seed, progress=not args.no_progress,
+              split=args.split)
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, RuntimeError, OSError) as e:  # OSError: a full disk, say (its message names the file)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.scenes} scenes in {args.out}; train with: python train.py --problem scenes3d --data {args.out} "
-          "--format blender")
+    if args.split == "train":
+        print(f"{args.scenes} training scenes in {args.out}; train with: python train.py --problem scenes3d --data "
+              f"{args.out} --format blender")
+    else:
+        print(f"{args.scenes} test scenes in {args.out}; score a model trained on a training set with: python "
+              f"sample.py CKPT --meshes {args.out}")
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ def test_an_interrupted_build_leaves_no_data_set_and_resumes_to_the_uninterrupte
     with pytest.raises(ValueError, match="an unfinished build of other options; finish it with: python -m"):
         meshes.build(str(out), **{**options, "seed": 1})
     meshes.build(str(out), **options)  # the same options again: resumed
-    assert not partial.exists() and sorted(os.listdir(out)) == ["scene_000", "scene_001", "scene_002"]
+    assert not partial.exists() and sorted(os.listdir(out)) == ["dataset.json", "scene_000", "scene_001", "scene_002"]
     meshes.build(str(tmp_path / "whole"), **options)
     for scene in ("scene_000", "scene_002"):  # the resumed set is the uninterrupted one
         for name in ("transforms_train.json", "transforms_test.json", "train/r_1.png"):

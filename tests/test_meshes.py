@@ -9,8 +9,7 @@ import struct
 import pytest
 import torch
 
-from posed_images import meshes
-from posed_images import formats
+from posed_images import formats, mesh_scores, meshes
 import render
 from test_scenes3d import TINY, tiny_model
 from toy_problems import scenes3d_world as world_lib
@@ -103,14 +102,16 @@ def json_context(path):
     return json.load(open(path))["context_frame"]
 
 
-def test_hidden_scores_run_on_a_built_set_and_building_never_overwrites(tmp_path, monkeypatch):
+def test_hidden_scores_run_on_a_built_test_set_and_building_never_overwrites(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("toy_problems.scenes3d", fromlist=["x"]).SETTINGS, "scenes3d", TINY)
     cube = {"cube": (CUBE_VERTICES, CUBE_FACES)}
-    meshes.build(str(tmp_path / "set"), n_scenes=2, n_views=3, size=32, seed=0, meshes=cube, progress=False)
+    meshes.build(str(tmp_path / "set"), n_scenes=2, n_views=3, size=32, seed=0, meshes=cube, progress=False,
+                 split="test")
     assert sorted(os.listdir(tmp_path)) == ["set"]  # built in set.partial, renamed when complete
     with pytest.raises(ValueError, match="already exists; choose a new folder"):
         meshes.build(str(tmp_path / "set"), n_scenes=1, meshes=cube, progress=False)
-    scores = meshes.hidden_scores(tiny_model(), str(tmp_path / "set"), n_scenes=2, n_samples=2, steps=2)
+    # a model of the toy's scenes (trained on no data set) scored on held-out meshes
+    scores = mesh_scores.hidden_scores(tiny_model(), str(tmp_path / "set"), "", n_scenes=2, n_samples=2, steps=2)
     assert scores["scenes"] == 2 and 0 <= scores["hidden_tv"] <= 0.75 and 0 <= scores["hidden_tv_floor"] <= 0.75
     assert 0 <= scores["sharp"] <= 1 and 0 <= scores["consistent"] <= 1 and math.isfinite(scores["psnr_context"])
 
