@@ -29,6 +29,7 @@ import torch.nn as nn
 import dfm
 import toy_problems
 import train
+from experiments import tables
 
 T_READ = (0, 50, 100, 200, 400, 600, 800, 950)
 FLOOR_SETS = 4  # independent exact sets, for the floor and its noise
@@ -202,6 +203,8 @@ def main():
                         help="M, exact posterior samples per context behind the exact denoiser (default 1024)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of check 3 (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="held-out stream and sampling seed (default 0)")
+    parser.add_argument("--save", metavar="JSON", help="also write every number to this results file, for "
+                        "RESULTS.md's tables (python -m experiments.bench --readme) (default: print only)")
     args = parser.parse_args()
     try:
         check_options(args)
@@ -213,7 +216,7 @@ def main():
         if oracle_cfg.problem != cfg.problem or (oracle is not None and oracle.kind != "oracle"):
             raise ValueError(f"--oracle {args.oracle} must be an oracle checkpoint of {cfg.problem}, "
                              f"got a {oracle_cfg.model} model of {oracle_cfg.problem}")
-        run(model, oracle, cfg, args)
+        run(model, oracle, cfg, oracle_cfg, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -222,7 +225,7 @@ def main():
         sys.exit(130)
 
 
-def run(model, oracle, cfg, args):
+def run(model, oracle, cfg, oracle_cfg, args):
     """The three checks, on the held-out contexts of args.seed."""
     problem = toy_problems.load(cfg.problem)
     batch = problem.held_out_batch(args.n_contexts, args.seed)
@@ -232,10 +235,19 @@ def run(model, oracle, cfg, args):
     exact_a = target_renders(problem, batch, problem.exact_posterior(  # a reference set and FLOOR_SETS others
         batch["ctxt_obs"], batch["ctxt_params"], (1 + FLOOR_SETS) * args.n_samples, generator))
     print(f"{cfg.problem}: {args.checkpoint} ({model.kind})" + (f", {args.oracle} (oracle)" if oracle else ""))
-    check_sampler(problem, batch, renders, signals, exact_a, args.n_samples, args.seed, model.timesteps)
+    floor, samplers = check_sampler(problem, batch, renders, signals, exact_a, args.n_samples, args.seed,
+                                    model.timesteps)
+    results = dict(problem=f"diagnose-{cfg.problem}", command="python -m experiments.diagnose " + " ".join(sys.argv[1:]),
+                   machine=tables.machine(), steps={m.kind: c.steps for m, c in ((model, cfg), (oracle, oracle_cfg))
+                                                    if m is not None},
+                   floor=floor, samplers=samplers, x0={}, spread={})
     for m in (model, oracle) if oracle else (model,):
-        check_x0(m, problem, batch, renders, signals, args.seed)
-        check_spread(m, problem, batch, renders, signals, args.n_samples, args.seed, args.steps)
+        results["x0"][m.kind] = check_x0(m, problem, batch, renders, signals, args.seed)
+        results["spread"][m.kind] = check_spread(m, problem, batch, renders, signals, args.n_samples, args.seed,
+                                                 args.steps)
+    if args.save:
+        tables.write_json(results, args.save)
+        print(f"results: {args.save}")
 
 
 if __name__ == "__main__":

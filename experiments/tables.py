@@ -102,10 +102,37 @@ def memory_table(results):
          "GPU peak (GiB)"], rows)])
 
 
+def diagnose_table(results):
+    """experiments/diagnose.py's three checks: the sampler on the exact denoiser, each model's x0 estimates against
+    the exact ones by t, and the spread of one context's x0 estimates along DDIM."""
+    samplers = [[name, f"{d:.4f}"] for name, d in results["samplers"].items()] + \
+        [["floor (exact vs exact)", f"{results['floor']:.4f}"]]
+    kinds = list(results["x0"])
+    x0 = [[t] + [f"{results['x0'][k][t][c]:.4f}" if c != "slope" else f"{results['x0'][k][t][c]:.3f}"
+                 for k in kinds for c in ("rmse", "slope", "residual")] for t in results["x0"][kinds[0]]]
+    spread = [[t] + [f"{results['spread'][k][t]['model']:.4f}" for k in kinds] +
+              [f"{results['spread'][kinds[0]][t]['exact']:.4f}"] for t in every_tenth(list(results["spread"][kinds[0]]))]
+    steps = ", ".join(f"{k} {n} steps" for k, n in results["steps"].items())
+    return "\n".join([made_by(results), "", f"Models: {steps}. 1. The sampler driven by the exact denoiser "
+                       "(energy distance to exact samples):", "", markdown_table(["sampler", "distance"], samplers), "",
+                       "2. x0 estimates against the exact ones, by t (slope < 1: shrunk towards the posterior mean; "
+                       "residual: the error that is not shrinkage):", "",
+                       markdown_table(["t"] + [f"{k} {c}" for k in kinds for c in ("rmse", "slope", "residual")], x0),
+                       "", "3. The spread of one context's x0 estimates along DDIM, by t:", "",
+                       markdown_table(["t"] + kinds + ["exact denoiser"], spread)])
+
+
+def every_tenth(items):
+    """items[::10] and the last one."""
+    return items[::10] + ([items[-1]] if (len(items) - 1) % 10 else [])
+
+
 def any_table(results):
     """The table of a results file, whichever kind it is."""
     if "study" in results:
         return study_tables(results)
+    if results["problem"].startswith("diagnose-"):
+        return diagnose_table(results)
     return {"speed": speed_table, "memory3d": memory_table}.get(results["problem"], results_table)(results)
 
 

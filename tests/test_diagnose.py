@@ -69,11 +69,16 @@ def test_the_diagnostics_run_on_a_checkpoint_and_print_the_three_checks(problem,
         train.train(cfg, progress=False)
     monkeypatch.setattr(sys, "argv", ["diagnose", str(tmp_path / "dfm" / "ckpt.pt"), "--oracle",
                                       str(tmp_path / "oracle" / "ckpt.pt"), "--n-contexts", "2",
-                                      "--n-samples", "4", "--exact", "64", "--steps", "5"])
+                                      "--n-samples", "4", "--exact", "64", "--steps", "5",
+                                      "--save", str(tmp_path / "diagnose.json")])
     diagnose.main()
     out = capsys.readouterr().out
     assert "1. the sampler" in out and out.count("2. x0 estimates") == 2 and out.count("3. spread") == 2
     assert "ddpm" in out
+    from experiments import tables
+    table = tables.table_of(str(tmp_path / "diagnose.json"))  # every number printed, as RESULTS.md shows it
+    assert table.startswith("Made by `python -m experiments.diagnose ") and "| ddpm 250 |" in table
+    assert "| t | dfm rmse | dfm slope | dfm residual | oracle rmse |" in table and "| 950 |" in table
 
 
 def test_the_diagnostics_refuse_what_they_cannot_diagnose_in_one_line(tmp_path, monkeypatch, capsys):
