@@ -408,8 +408,7 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None,
         axes[0, j].set_title(name, fontsize=7)
     fig.suptitle("posed images: sampled scenes seen from the target frame's camera", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toy_problems.save_figure(fig, path)
 
 
 def arc_cameras(K, depth, n_frames=24, degrees=30.0):

@@ -341,14 +341,13 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50):
     fig.suptitle(f"flatland, {model.kind}: scenes from above given the view from the white camera; "
                  "strips: views from a ring of cameras", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toy_problems.save_figure(fig, path)
 
 
 def animate(model, path, seed=0, index=0, n_frames=36, steps=50):
     """A GIF of a camera going around one sampled scene (for held-out context `index`): the scene from
     above and the camera's 1D view."""
-    from matplotlib.animation import FuncAnimation, PillowWriter
+    from matplotlib.animation import FuncAnimation
     device = next(model.parameters()).device
     batch = held_out_batch(index + 1, seed, device)
     batch = dfm.map_batch(lambda v: v[index:], batch)
@@ -374,5 +373,4 @@ def animate(model, path, seed=0, index=0, n_frames=36, steps=50):
         image.set_data(strip(views[k:k + 1]))
         return camera, frustum, image
 
-    FuncAnimation(fig, frame, frames=n_frames, blit=True).save(path, writer=PillowWriter(fps=8))
-    plt.close(fig)
+    toy_problems.save_animation(fig, FuncAnimation(fig, frame, frames=n_frames, blit=True), path)

@@ -309,5 +309,4 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50):
     fig.suptitle(f"motion prediction, {model.kind}: sampled motion (arrows; grey = on the empty background) and "
                  "predicted next frame; titles: red / blue sprite's move", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toy_problems.save_figure(fig, path)
