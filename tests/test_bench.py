@@ -239,3 +239,34 @@ def test_the_memory_table_counts_each_gpu_setting_in_both_precisions(monkeypatch
     assert [(r["problem"], r["precision"]) for r in results["rows"]] == [
         ("scenes3d-64", "fp32"), ("scenes3d-64", "bf16"), ("scenes3d-128", "fp32"), ("scenes3d-128", "bf16")]
     assert "| scenes3d-64 | 64x64 | fp32 | 1.000 | 2.000 | 3.000 | no GPU |" in tables.any_table(results)
+
+
+# -----------------------------------------------------------------------------
+# The weights the notebooks ship: notebooks/<problem>-<model>.pt, from `--export notebooks`
+
+SHIPPED_MB = 15  # all the toys' shipped weights together, the 3D ones included
+
+
+@pytest.mark.parametrize("name", bench.ALL)
+def test_the_shipped_weights_score_what_the_results_file_recorded_at_the_end_of_their_run(name):
+    """Each notebooks/<name>-<kind>.pt holds the EMA weights of the benchmark's seed-0 run in the results file
+    (half precision): scored as that run's learning curve scored them at its last step (train.CURVE_EVAL, seed 0),
+    they give the same distances, up to what half precision moves them (well under the seed-to-seed spread)."""
+    results = tables.load_results(os.path.join(RESULTS, f"{name}.json"))
+    problem = toy_problems.load(name)
+    for kind in bench.KINDS:
+        run = results["runs"][kind][0]
+        model, cfg = train.load_ema_model(os.path.join(ROOT, "notebooks", f"{name}-{kind}.pt"))
+        assert (cfg.problem, cfg.model, cfg.seed, cfg.steps) == (name, kind, run["seed"], results["settings"]["steps"])
+        last = run["curve"][-1]
+        assert last["step"] == cfg.steps
+        scores = problem.evaluate(model, seed=cfg.seed, **train.CURVE_EVAL)
+        distances = [c for c in last if c + "_floor" in last]
+        assert {c: scores[c] for c in distances} == pytest.approx({c: last[c] for c in distances}, rel=0.02), kind
+
+
+def test_the_shipped_weights_are_small():
+    shipped = [f for f in os.listdir(os.path.join(ROOT, "notebooks")) if f.endswith(".pt")]
+    assert {f"{name}-{kind}.pt" for name in bench.ALL for kind in bench.KINDS} <= set(shipped)
+    size = sum(os.path.getsize(os.path.join(ROOT, "notebooks", f)) for f in shipped)
+    assert size <= SHIPPED_MB * 2 ** 20, f"{size / 2 ** 20:.1f} MB"

@@ -108,8 +108,14 @@ def test_evaluate_and_plot_run_on_an_untrained_model(kind, tmp_path):
     assert (tmp_path / "motion.png").stat().st_size > 0
 
 
-def test_motion_and_gan_notebook_runs_top_to_bottom(run_notebook):
+def test_motion_and_gan_notebook_runs_top_to_bottom_with_the_shipped_weights(run_notebook):
     notebook = run_notebook("motion_and_gan.ipynb")
+    bars = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []) if o.get("name") == "stderr")
+    assert not any(f"{problem}/dfm" in bars for problem in ("motion", "gan_inversion"))  # no training bar
+
+
+def test_motion_and_gan_notebook_trains_every_model_on_its_switch(run_notebook):
+    notebook = run_notebook("motion_and_gan.ipynb", ("TRAIN = False", "TRAIN = True"))
     bars = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []) if o.get("name") == "stderr")
     assert all(f"{problem}/{kind}: 100%" in bars for problem in ("motion", "gan_inversion")  # training shows progress
                for kind in ("dfm", "deterministic", "oracle")), bars[-2000:]
