@@ -111,7 +111,7 @@ def check_sampler(problem, batch, renders, signals, exact_a, n, seed, timesteps)
                               sampler=sampler, generator=seed, obs_shape=renders.shape[2:])
         rows[f"{sampler} {steps}"] = d = dfm.energy_distance(obs.reshape(B, n, -1), exact_a[:, :n]).mean().item()
         print(f"   {sampler} {steps:4d} steps: {d:.4f}")
-    return floor, rows
+    return floor, floors.std().item(), rows
 
 
 @torch.no_grad()
@@ -235,12 +235,12 @@ def run(model, oracle, cfg, oracle_cfg, args):
     exact_a = target_renders(problem, batch, problem.exact_posterior(  # a reference set and FLOOR_SETS others
         batch["ctxt_obs"], batch["ctxt_params"], (1 + FLOOR_SETS) * args.n_samples, generator))
     print(f"{cfg.problem}: {args.checkpoint} ({model.kind})" + (f", {args.oracle} (oracle)" if oracle else ""))
-    floor, samplers = check_sampler(problem, batch, renders, signals, exact_a, args.n_samples, args.seed,
+    floor, floor_sd, samplers = check_sampler(problem, batch, renders, signals, exact_a, args.n_samples, args.seed,
                                     model.timesteps)
     results = dict(problem=f"diagnose-{cfg.problem}", command="python -m experiments.diagnose " + " ".join(sys.argv[1:]),
                    machine=tables.machine(), steps={m.kind: c.steps for m, c in ((model, cfg), (oracle, oracle_cfg))
                                                     if m is not None},
-                   floor=floor, samplers=samplers, x0={}, spread={})
+                   floor=floor, floor_sd=floor_sd, samplers=samplers, x0={}, spread={})
     for m in (model, oracle) if oracle else (model,):
         results["x0"][m.kind] = check_x0(m, problem, batch, renders, signals, args.seed)
         results["spread"][m.kind] = check_spread(m, problem, batch, renders, signals, args.n_samples, args.seed,

@@ -106,7 +106,7 @@ def diagnose_table(results):
     """experiments/diagnose.py's three checks: the sampler on the exact denoiser, each model's x0 estimates against
     the exact ones by t, and the spread of one context's x0 estimates along DDIM."""
     samplers = [[name, f"{d:.4f}"] for name, d in results["samplers"].items()] + \
-        [["floor (exact vs exact)", f"{results['floor']:.4f}"]]
+        [["floor (exact vs exact)", f"{results['floor']:.4f} ± {results['floor_sd']:.4f}"]]
     kinds = list(results["x0"])
     x0 = [[t] + [f"{results['x0'][k][t][c]:.4f}" if c != "slope" else f"{results['x0'][k][t][c]:.3f}"
                  for k in kinds for c in ("rmse", "slope", "residual")] for t in results["x0"][kinds[0]]]
@@ -119,7 +119,7 @@ def diagnose_table(results):
                        "residual: the error that is not shrinkage):", "",
                        markdown_table(["t"] + [f"{k} {c}" for k in kinds for c in ("rmse", "slope", "residual")], x0),
                        "", "3. The spread of one context's x0 estimates along DDIM, by t:", "",
-                       markdown_table(["t"] + kinds + ["exact denoiser"], spread)])
+                       markdown_table(["t"] + kinds + ["exact denoiser (from DFM's noise)"], spread)])
 
 
 def every_tenth(items):
