@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import inspect
 import os
-import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep, not spin: fast on a busy machine
 
@@ -189,14 +188,8 @@ def main():
                         "is now, if it moved (default: the path the checkpoint was trained with)")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        run(args)
-    except KeyboardInterrupt:  # figures and GIFs are written whole (toy_problems.written_whole) or not at all
-        print("interrupted: no figure or GIF was left half-written", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, FileNotFoundError) as e:  # a bad option or file, or a bad frame found while indexing
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with toy_problems.one_line_exit("interrupted: no figure or GIF was left half-written"):
+        run(args)  # a bad option or file, or a bad frame found while indexing: one line
 
 
 def run(args):

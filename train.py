@@ -188,7 +188,8 @@ def train(cfg, resume=None, progress=True, overwrite=False):
     model = build_model(cfg)  # a model the problem does not have (scenes3d's oracle) is refused here
     first_step = ckpt["step"] if resume else 0
     # a data set on disk is indexed and checked here, frame by frame, before the output folder exists
-    batches = problem.loader(cfg.batch_size // world, cfg.seed, rank, range(first_step, cfg.steps)) if cfg.data else None
+    batches = (problem.loader(cfg.batch_size // world, cfg.seed, rank, range(first_step, cfg.steps)) if cfg.data
+               else None)
     created = prepare_out_dir(cfg.out_dir)
     if distributed:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")

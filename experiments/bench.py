@@ -360,7 +360,8 @@ def main():
                         "run it on a quiet machine (default: benchmark)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (default: show them)")
     args = parser.parse_args()
-    try:
+    # a bad option or file, or a run in --out that does not match: one line; Ctrl-C: training saved its checkpoint
+    with toy_problems.one_line_exit():
         if args.table:
             print(tables.table_of(args.table))
             return
@@ -381,12 +382,6 @@ def main():
               f"device {m['device']}", flush=True)
         for name in ALL if args.all else args.problem:
             bench(name, args)
-    except (ValueError, FileNotFoundError) as e:  # a bad option or file, or a run in --out that does not match
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:  # training saved its checkpoint; every file is written whole or not at all
-        print(str(e) or "interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

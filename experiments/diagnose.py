@@ -206,7 +206,7 @@ def main():
     parser.add_argument("--save", metavar="JSON", help="also write every number to this results file, for "
                         "RESULTS.md's tables (python -m experiments.bench --readme) (default: print only)")
     args = parser.parse_args()
-    try:
+    with toy_problems.one_line_exit():
         check_options(args)
         model, cfg = train.load_ema_model(args.checkpoint)
         oracle, oracle_cfg = train.load_ema_model(args.oracle) if args.oracle else (None, cfg)
@@ -217,12 +217,6 @@ def main():
             raise ValueError(f"--oracle {args.oracle} must be an oracle checkpoint of {cfg.problem}, "
                              f"got a {oracle_cfg.model} model of {oracle_cfg.problem}")
         run(model, oracle, cfg, oracle_cfg, args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 def run(model, oracle, cfg, oracle_cfg, args):
@@ -237,7 +231,8 @@ def run(model, oracle, cfg, oracle_cfg, args):
     print(f"{cfg.problem}: {args.checkpoint} ({model.kind})" + (f", {args.oracle} (oracle)" if oracle else ""))
     floor, floor_sd, samplers = check_sampler(problem, batch, renders, signals, exact_a, args.n_samples, args.seed,
                                     model.timesteps)
-    results = dict(problem=f"diagnose-{cfg.problem}", command="python -m experiments.diagnose " + " ".join(sys.argv[1:]),
+    command = "python -m experiments.diagnose " + " ".join(sys.argv[1:])
+    results = dict(problem=f"diagnose-{cfg.problem}", command=command,
                    machine=tables.machine(), steps={m.kind: c.steps for m, c in ((model, cfg), (oracle, oracle_cfg))
                                                     if m is not None},
                    floor=floor, floor_sd=floor_sd, samplers=samplers, x0={}, spread={})

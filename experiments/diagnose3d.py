@@ -23,7 +23,6 @@ scene rendered with back colour(s) k,
 """
 import argparse
 import itertools
-import sys
 
 import torch
 
@@ -140,7 +139,7 @@ def main():
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="held-out contexts and noise (default 0)")
     args = parser.parse_args()
-    try:
+    with toy_problems.one_line_exit():
         for name in ("n_contexts", "n_samples", "steps"):
             if getattr(args, name) < (2 if name == "n_samples" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {2 if name == 'n_samples' else 1}, "
@@ -154,12 +153,6 @@ def main():
         model, cfg = train.load_ema_model(args.checkpoint)
         step = ckpt["step"]
         run(model, cfg, step, args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 def run(model, cfg, step, args):

@@ -111,7 +111,8 @@ def diagnose_table(results):
     x0 = [[t] + [f"{results['x0'][k][t][c]:.4f}" if c != "slope" else f"{results['x0'][k][t][c]:.3f}"
                  for k in kinds for c in ("rmse", "slope", "residual")] for t in results["x0"][kinds[0]]]
     spread = [[t] + [f"{results['spread'][k][t]['model']:.4f}" for k in kinds] +
-              [f"{results['spread'][kinds[0]][t]['exact']:.4f}"] for t in every_tenth(list(results["spread"][kinds[0]]))]
+              [f"{results['spread'][kinds[0]][t]['exact']:.4f}"]
+              for t in every_tenth(list(results["spread"][kinds[0]]))]
     steps = ", ".join(f"{k} {n} steps" for k, n in results["steps"].items())
     return "\n".join([made_by(results), "", f"Models: {steps}. 1. The sampler driven by the exact denoiser "
                        "(energy distance to exact samples):", "", markdown_table(["sampler", "distance"], samplers), "",

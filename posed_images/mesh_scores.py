@@ -32,8 +32,8 @@ def check_held_out(data, trained_on, size):
                          f"on a test set, built with: {build_test}")
     found = meshes.read_manifest(data)
     if found is None:
-        raise ValueError(f"{data}: no {meshes.MANIFEST} says which random stream built it (built before --split), so its "
-                         f"scenes may be training scenes; build a test set with: {build_test}")
+        raise ValueError(f"{data}: no {meshes.MANIFEST} says which random stream built it (built before --split), "
+                         f"so its scenes may be training scenes; build a test set with: {build_test}")
     if found[1]["split"] != "test":
         raise ValueError(f"{data}: a training set ({os.path.join(found[0], meshes.MANIFEST)} says split "
                          f"{found[1]['split']}), never held out; build a test set with: {build_test}")
@@ -71,8 +71,8 @@ def hidden_scores(model, data, trained_on, n_scenes=8, n_samples=16, steps=50, s
             if hidden[0].sum() >= meshes.MIN_HIDDEN:
                 names.append(name)
     if not names:
-        raise ValueError(f"{data}: no scene built by posed_images/meshes.py with at least {meshes.MIN_HIDDEN} hidden pixels "
-                         "in view")
+        raise ValueError(f"{data}: no scene built by posed_images/meshes.py with at least {meshes.MIN_HIDDEN} hidden "
+                         "pixels in view")
     contexts, far, posteriors = [], [], []
     for name in names:
         folder = os.path.join(data, name)

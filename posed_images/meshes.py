@@ -384,8 +384,8 @@ def read_manifest(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=SPLITS, default="train", help="train: a training set, its scenes drawn "
-                        "from the data-set stream of --seed; test: a test set for mesh_scores.hidden_scores, from the held-out "
-                        "stream, never the same scenes (default: train)")
+                        "from the data-set stream of --seed; test: a test set for mesh_scores.hidden_scores, from the "
+                        "held-out stream, never the same scenes (default: train)")
     parser.add_argument("--out", help="a new folder for the data set, built in OUT.partial and renamed to OUT when "
                         "complete; after an interruption the same command resumes it (default: out/meshes, or "
                         "out/meshes-test with --split test; an existing file or non-empty folder is refused)")

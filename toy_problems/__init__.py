@@ -35,6 +35,7 @@ a training example's context, and distinct seeds draw distinct numbers.
 import contextlib
 import importlib
 import os
+import sys
 
 import torch
 
@@ -176,3 +177,18 @@ def save_animation(fig, animation, path, fps=8):
     with written_whole(path) as tmp:
         animation.save(tmp, writer=PillowWriter(fps=fps))
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def one_line_exit(interrupted="interrupted"):
+    """with one_line_exit(): a command's work. The commands' one way out: a bad option or file (ValueError,
+    FileNotFoundError) prints `error: ...` and exits with status 2; Ctrl-C prints its own message (or
+    `interrupted`) and exits with 130. Nothing is left half-written either way (written_whole)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        print(str(e) or interrupted, file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
