@@ -95,12 +95,12 @@ def sample_image(model, cfg, context, args):
     camera is put, and the cameras swing around the point at the data's typical depth in front of it; the toy
     model was trained with its world's context camera, so the image's camera goes there, and the cameras
     circle the toy's world. The samples aim at the orbit's camera furthest from the context."""
-    from posed_images import dataset
+    from posed_images import problem as posed
     from toy_problems import scenes3d_world as world_lib
     setting = model.denoiser.setting
     ctxt_obs, ctxt_params = context
     if cfg.data:
-        orbit, aim = dataset.arc_cameras(ctxt_params["K"][0, 0], setting.world.cam_dist), 6  # +30 degrees
+        orbit, aim = posed.arc_cameras(ctxt_params["K"][0, 0], setting.world.cam_dist), 6  # +30 degrees
     else:
         ctxt_params["c2w"] = world_lib.context_camera(setting.world)["c2w"][None, None]
         orbit = {**world_lib.orbit_cameras(24, setting.world), "K": ctxt_params["K"][0, 0].expand(24, 3, 3)}
@@ -108,7 +108,7 @@ def sample_image(model, cfg, context, args):
     batch = {"ctxt_obs": ctxt_obs, "ctxt_params": ctxt_params,
              "trgt_params": {k: v[aim:aim + 1] for k, v in orbit.items()}}
     gif = os.path.splitext(args.figure)[0] + ".gif"
-    dataset.orbit_gif(model, dfm.map_batch(lambda v: v.to(args.device), batch), gif, orbit,
+    posed.orbit_gif(model, dfm.map_batch(lambda v: v.to(args.device), batch), gif, orbit,
                              n_samples=args.n_samples or 3, steps=args.steps or 50, seed=args.seed)
     print(f"{cfg.problem} / {cfg.model}: {args.n_samples or 3} scenes sampled from {args.image}; orbit: {gif}")
 
@@ -198,8 +198,8 @@ def run(args):
     check(args, cfg)
     cfg = with_data(cfg, args.data, args.image is not None or args.meshes is not None)
     if args.image is not None:
-        from posed_images import dataset
-        context = dataset.image_context(args.image, args.fov, model.denoiser.setting.world.size)
+        from posed_images import problem as posed
+        context = posed.image_context(args.image, args.fov, model.denoiser.setting.world.size)
     compare = None
     if args.compare:
         if not cfg.problem.startswith("scenes3d"):

@@ -45,11 +45,11 @@ CURVE_EVAL = dict(n_contexts=16, n_samples=32, steps=20)  # the quick scores of 
 
 
 def load_problem(cfg, progress=True):
-    """The problem of a run: a toy, or with --data the 3D model on posed images from disk (dataset.py), whose
-    indexing and caching show progress bars if `progress`."""
+    """The problem of a run: a toy, or with --data the 3D model on posed images from disk
+    (posed_images/problem.py), whose indexing and caching show progress bars if `progress`."""
     if cfg.data:
-        from posed_images import dataset
-        return dataset.problem(cfg.problem, cfg.data, cfg.format, cfg.frame_window, cfg.workers, progress)
+        from posed_images import problem
+        return problem.make_problem(cfg.problem, cfg.data, cfg.format, cfg.frame_window, cfg.workers, progress)
     return toy_problems.load(cfg.problem)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import toy_problems
-from posed_images import dataset, formats, mesh_scores, meshes, writers
+from posed_images import dataset, formats, mesh_scores, meshes, problem, writers
 from test_meshes import CUBE_FACES, CUBE_VERTICES
 from test_scenes3d import TINY, tiny_model
 from toy_problems import scenes3d
@@ -87,7 +87,7 @@ def test_train_py_refuses_a_test_set_before_writing_anything(sets, tmp_path, mon
     assert exit.value.code == 2 and len(err.splitlines()) == 1, err
     assert f"{sets[1]}: a test set (its dataset.json says split test), held out for scoring" in err
     assert not (tmp_path / "run").exists()
-    train_batches = dataset.problem("scenes3d", sets[0], "blender", progress=False).loader(1, 0, 0, range(1))
+    train_batches = problem.make_problem("scenes3d", sets[0], "blender", progress=False).loader(1, 0, 0, range(1))
     assert next(train_batches)["trgt_obs"].shape == (1, 3, 32, 32)  # a training set trains
 
 

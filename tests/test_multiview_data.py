@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import config
-from posed_images import dataset, writers
+from posed_images import dataset, problem as posed, writers
 import render
 import toy_problems
 import train
@@ -75,7 +75,7 @@ def test_co3d_scenes_lie_inside_the_authors_bounds_and_rays_stop_at_them(co3d_se
             depth = render.project(centres, params["c2w"], params["K"])[1]
             assert (depth > near).all() and (depth < far).all()
     # rays start at near and stop at far: a wall of fog closer than near or beyond far is never seen
-    setting = dataset.setting_for("scenes3d", "co3d")
+    setting = posed.setting_for("scenes3d", "co3d")
     for lo, hi, seen in ((0.1, 0.45, False), (5.0, 6.0, True), (41.0, 60.0, False)):
         def fog(views, points):  # (B, P, 3) -> opaque white between lo and hi from the origin
             r = points.norm(dim=-1)
@@ -121,7 +121,7 @@ def test_images_are_decoded_once_and_cached(co3d_set, monkeypatch):
 
 def test_dataloader_workers_make_the_batches_the_training_steps_would_draw(co3d_set):
     path, _ = co3d_set
-    problem = dataset.problem("scenes3d", path, "co3d", frame_window=2, workers=1, progress=False)
+    problem = posed.make_problem("scenes3d", path, "co3d", frame_window=2, workers=1, progress=False)
     made_ahead = list(problem.loader(2, 7, 0, range(3, 5)))
     for step, batch in zip((3, 4), made_ahead):
         direct = problem.sample_batch(2, toy_problems.train_generator(7, step, 0))

@@ -46,7 +46,7 @@ from toy_problems import metrics, scenes3d_world as world_lib
 @dataclass(frozen=True)
 class Setting:
     """The world, the networks' sizes and how rays are rendered, for one problem name (posed images on disk
-    have settings of their own: posed_images/dataset.setting_for)."""
+    have settings of their own: posed_images/problem.setting_for)."""
     world: world_lib.World = world_lib.WORLD
     ch: int = 32  # encoder width
     feat: int = 32  # F, per-pixel feature channels of the encoders
@@ -430,7 +430,7 @@ def make_problem(name, setting, **data):
     """The toy protocol (toy_problems/__init__.py) of the 3D model of problem `name` at `setting`: the model's
     parts, and the data's given as keywords (sample_batch, held_out_batch, evaluate, plot, animate; and
     exact_posterior for the toy's scenes, loader for posed images on disk). The one place both are built:
-    scenes3d_eval.problem and posed_images/dataset.problem call it."""
+    scenes3d_eval.problem and posed_images/problem.make_problem call it."""
     return types.SimpleNamespace(NAME=name, SETTING=setting, TRAIN_DEFAULTS=TRAIN_DEFAULTS[name], forward=forward,
                                  obs_loss=functools.partial(obs_loss, setting=setting),
                                  make_denoiser=functools.partial(make_denoiser, setting=setting), **data)
