@@ -74,6 +74,9 @@ class DFM(nn.Module):
       terms, given the target's pixels and extras (the 3D model's conditioning render and depth smoothness).
     - A denoiser with a method use_schedule(abar) is handed the model's noise schedule (gp1d's
       preconditions by the noise level), so that the two never disagree.
+    - A denoiser with a method timestep_weights(abar) -> (T,) positive weights says how often training draws each
+      t (gp1d's: more of the low-noise steps); without it t is uniform. Any weights that are positive at every t
+      leave the optimum, E[O_trgt | x_t, context] at each t, where it was.
     """
 
     kind = "dfm"  # what this model is: "dfm", "deterministic" or "oracle"
@@ -97,6 +100,14 @@ class DFM(nn.Module):
             self.register_buffer(name, value, persistent=False)
         if hasattr(denoiser, "use_schedule"):
             denoiser.use_schedule(self.abar)
+        t_probs = None  # None: t ~ Uniform{0, ..., T-1}
+        if hasattr(denoiser, "timestep_weights"):
+            weights = denoiser.timestep_weights(self.abar)
+            if weights.shape != (timesteps,) or not (weights > 0).all():
+                raise ValueError(f"timestep_weights must be {timesteps} positive weights, got shape "
+                                 f"{tuple(weights.shape)} with minimum {weights.min().item():.3g}")
+            t_probs = weights / weights.sum()
+        self.register_buffer("t_probs", t_probs, persistent=False)
 
     def forward(self, batch):
         """model(batch) is the training loss of a batch (a dict with sample_batch's keys). Training calls the
@@ -127,9 +138,13 @@ class DFM(nn.Module):
         return loss
 
     def noisy_target(self, trgt_obs):
-        """The denoiser's input in training: (x_t, t), x_t ~ q(x_t | O_trgt) at t ~ Uniform{0, ..., T-1}."""
+        """The denoiser's input in training: (x_t, t), x_t ~ q(x_t | O_trgt) at t ~ Uniform{0, ..., T-1}, or at t
+        drawn by the denoiser's timestep_weights."""
         B = trgt_obs.shape[0]
-        t = torch.randint(0, self.timesteps, (B,), device=trgt_obs.device)  # t ~ Uniform{0, ..., T-1}
+        if self.t_probs is None:
+            t = torch.randint(0, self.timesteps, (B,), device=trgt_obs.device)  # t ~ Uniform{0, ..., T-1}
+        else:
+            t = torch.multinomial(self.t_probs, B, replacement=True)  # t ~ t_probs
         eps = torch.randn_like(trgt_obs)  # eps ~ N(0, I)
         abar = self.abar[t].view(B, *[1] * (trgt_obs.dim() - 1))
         return abar.sqrt() * trgt_obs + (1 - abar).sqrt() * eps, t

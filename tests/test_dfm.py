@@ -367,3 +367,31 @@ def test_a_denoiser_that_needs_the_schedule_gets_the_models_own():
     for T in (10, 2000):
         model = dfm.DFM(NeedsSchedule(), render_pixels, timesteps=T, schedule_kind="linear")
         assert model.denoiser.abar is model.abar and len(model.denoiser.abar) == T
+
+
+def test_training_draws_t_as_the_denoisers_timestep_weights_say_and_uniformly_without_them():
+    class Weighted(TinyDenoiser):
+        def timestep_weights(self, abar):
+            return torch.linspace(1, 4, len(abar))  # t = T-1 four times as often as t = 0
+
+    T, n = 10, 20000
+    weighted_model, uniform_model = dfm.DFM(Weighted(), read, timesteps=T), dfm.DFM(TinyDenoiser(), read, timesteps=T)
+    torch.manual_seed(0)
+    weighted = weighted_model.noisy_target(torch.zeros(n, K))[1]
+    expected = torch.linspace(1, 4, T) / torch.linspace(1, 4, T).sum()
+    assert torch.allclose(torch.bincount(weighted, minlength=T) / n, expected, atol=0.01)
+    torch.manual_seed(0)
+    uniform = uniform_model.noisy_target(torch.zeros(n, K))[1]
+    assert (torch.bincount(uniform, minlength=T) / n - 1 / T).abs().max() < 0.01
+    torch.manual_seed(0)  # without weights, exactly torch.randint's stream: the other problems' runs are unchanged
+    assert torch.equal(uniform, torch.randint(0, T, (n,)))
+
+
+@pytest.mark.parametrize("weights", [torch.ones(9), torch.tensor([1.0] * 9 + [0.0])])
+def test_timestep_weights_of_the_wrong_length_or_with_a_zero_are_reported(weights):
+    class Bad(TinyDenoiser):
+        def timestep_weights(self, abar):
+            return weights
+
+    with pytest.raises(ValueError, match="10 positive weights"):
+        dfm.DFM(Bad(), read, timesteps=10)

@@ -81,3 +81,13 @@ def test_plot_writes_a_png(tmp_path):
     model = dfm.make_model("dfm", gp1d.make_denoiser("dfm"), gp1d.forward)
     gp1d.plot(model, tmp_path / "samples.png", n_samples=2, steps=2)
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timestep_weights_give_the_low_noise_steps_unit_variance_targets_and_every_t_a_chance():
+    model = dfm.make_model("dfm", gp1d.make_denoiser("dfm"), gp1d.forward)
+    p, scale = model.t_probs, gp1d.precondition(model.abar)[1]  # (T,) each
+    assert torch.isclose(p.sum(), torch.tensor(1.0)) and (p >= 0.5 / len(p)).all()  # half of them uniform
+    low = torch.arange(gp1d.LOW_NOISE_CAP, 200)  # above the cap: p - uniform share proportional to 1 / scale^2
+    ratio = (p[low] - 0.5 / len(p)) * scale[low] ** 2
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+    assert p[0] == p[gp1d.LOW_NOISE_CAP] and p[0] > 10 * p[-1]  # capped, and far more often than at high noise

@@ -33,6 +33,7 @@ JITTER = 1e-4  # white noise added to each covariance; part of the prior, so the
 TILES = [0, 8, 16, 24]  # window starts that cover the signal, for whole-signal sampling
 SIGNAL_SHAPE = (N,)
 SIGMA_DATA = 0.8  # standard deviation of a signal value under the prior
+LOW_NOISE_CAP = 20  # the t below which training draws t no more often than at this one (Denoiser.timestep_weights)
 
 TRAIN_DEFAULTS = dict(steps=15000, batch_size=256, lr=1e-3)
 
@@ -196,6 +197,17 @@ class Denoiser(nn.Module):
         """Called by dfm.DFM: precondition with the model's own noise levels (any T, any schedule)."""
         self.abar = abar.clone()  # a buffer: moves with .to(device)
 
+    def timestep_weights(self, abar):
+        """Called by dfm.DFM: how often training draws each t, (T,). The loss at t is scale(t)^2 times the
+        network's own error, so with t uniform the low-noise steps, where scale is small, teach the network
+        almost nothing, and DFM's x0 came out noisiest there (experiments/diagnose.py). Half of the t are drawn
+        in proportion to 1 / scale(t)^2, which gives every t's network output targets of unit variance (capped
+        at t = LOW_NOISE_CAP, where scale goes to 0), half uniformly. Every t keeps a positive probability, so
+        the optimum at each t is still E[x0 | x_t, context]: only where the capacity goes changes."""
+        w = precondition(abar)[1].pow(-2)  # (T,)
+        w = w.clamp(max=w[LOW_NOISE_CAP])
+        return 0.5 / len(w) + 0.5 * w / w.sum()
+
     def forward(self, ctxt_obs, ctxt_params, noisy_trgt, trgt_params, t):
         ctxt_values, ctxt_mask = to_canvas(ctxt_obs, ctxt_params)  # (B, N), (B, N)
         if self.oracle:
@@ -206,13 +218,18 @@ class Denoiser(nn.Module):
         temb = self.time(dfm.timestep_embedding(t))  # (B, 128)
         for block in self.blocks:
             h = block(h, temb)
-        # For x0 with variance s^2, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps gives E[x0 | x_t] = skip * x_t
-        # and a residual of standard deviation `scale`.
-        abar, s2 = self.abar[t].unsqueeze(1), SIGMA_DATA ** 2  # (B, 1)
-        skip = abar.sqrt() * s2 / (abar * s2 + 1 - abar)
-        scale = (s2 * (1 - abar) / (abar * s2 + 1 - abar)).sqrt()
+        skip, scale = precondition(self.abar[t].unsqueeze(1))  # (B, 1) each
         guess = torch.where(ctxt_mask > 0, ctxt_values, skip * trgt_values)  # (B, N)
         return guess + (1 - ctxt_mask) * scale * self.out(h)[:, 0]  # (B, N)
+
+
+def precondition(abar):
+    """(skip, scale) at noise levels abar: for x0 with variance SIGMA_DATA^2, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+    gives E[x0 | x_t] = skip * x_t and a residual of standard deviation scale."""
+    s2 = SIGMA_DATA ** 2
+    skip = abar.sqrt() * s2 / (abar * s2 + 1 - abar)
+    scale = (s2 * (1 - abar) / (abar * s2 + 1 - abar)).sqrt()
+    return skip, scale
 
 
 def make_denoiser(kind):
