@@ -158,28 +158,29 @@ def composite(sigma, rgb, t, far, background=0.0):
 
 
 def render_rays(field, origins, dirs, near, far, n_samples=64, n_importance=0, perturb=False,
-                generator=None, background=0.0, coarse_grad=True):
+                generator=None, background=0.0):
     """Render rays through a field: sample -> query -> composite (-> resample -> query -> composite).
 
     field(points (..., R, S, D)) -> (sigma (..., R, S), rgb (..., R, S, C)).
     origins, dirs (..., R, D); near, far (..., R).
     n_importance > 0 adds that many samples drawn from the first pass's weights (hierarchical
-    sampling) and composites all samples together; the first pass is returned as "coarse".
-    With coarse_grad=False the first pass runs without gradients (it only places the importance
-    samples; the field is trained through the second pass, which queries all samples again).
+    sampling) and composites all samples together; the first pass is returned as "coarse". The
+    second pass queries the field only at the new samples and sorts them in among the first
+    pass's, whose values it already has: the same render as querying all of them again, for a
+    third fewer queries. No gradient flows through where the new samples are placed.
     Returns composite()'s dict plus t (..., R, S_total), the sample distances.
     """
     t = sample_along_rays(near, far, n_samples, perturb, generator)  # (..., R, S)
     points = origins[..., None, :] + t[..., None] * dirs[..., None, :]  # (..., R, S, D)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and (coarse_grad or n_importance == 0)):
-        sigma, rgb = field(points)
-        out = composite(sigma, rgb, t, far, background)
+    sigma, rgb = field(points)
+    out = composite(sigma, rgb, t, far, background)
     if n_importance > 0:
         bins = near[..., None] + (far - near)[..., None] * torch.linspace(0, 1, n_samples + 1, device=near.device)
         t_fine = sample_pdf(bins, out["weights"], n_importance, perturb, generator)  # (..., R, Si)
-        t, _ = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1)  # (..., R, S + Si)
-        points = origins[..., None, :] + t[..., None] * dirs[..., None, :]
-        sigma, rgb = field(points)
+        sigma_fine, rgb_fine = field(origins[..., None, :] + t_fine[..., None] * dirs[..., None, :])
+        t, order = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1)  # (..., R, S + Si)
+        sigma = torch.cat([sigma, sigma_fine], dim=-1).gather(-1, order)
+        rgb = torch.cat([rgb, rgb_fine], dim=-2).gather(-2, order[..., None].expand(*order.shape, rgb.shape[-1]))
         coarse, out = out, composite(sigma, rgb, t, far, background)
         out["coarse"] = coarse
     out["t"] = t

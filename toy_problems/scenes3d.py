@@ -389,7 +389,7 @@ def render_pixels(signal, params, pixels=None, uv=None):
         return sigma.view(B, P, S), torch.cat([rgb, feat], dim=-1).view(B, P, S, -1)
 
     out = render.render_rays(field, origins, dirs, near, far, s.n_samples, s.n_importance,
-                             perturb=torch.is_grad_enabled(), coarse_grad=False)
+                             perturb=torch.is_grad_enabled())
     color = out["rgb"].transpose(1, 2)  # (B, 3 + Cf, P)
     lo, hi = s.depth_range
     return {"obs": 2 * color[:, :3] - 1, "feat": color[:, 3:], "depth": (out["depth"] - lo) / (hi - lo)}
