@@ -1,20 +1,21 @@
 """Real geometry with an exact hidden part: a multi-view data set of real meshes, written as NeRF-synthetic.
 
-    python -m posed_images.meshes --out out/meshes                        # a training set (fetches 3 meshes once)
+    python -m posed_images.meshes --out out/meshes                        # a training set (fetches 8 meshes once)
     python -m posed_images.meshes --out out/meshes-test --split test      # a test set: other scenes, held out
+    python -m posed_images.meshes --out out/meshes-torus --split test --meshes torus   # a shape left out of training
     python train.py --problem scenes3d --data out/meshes --format blender
     python sample.py out/scenes3d-dfm/ckpt.pt --meshes out/meshes-test   # hidden_scores on the test set
 
-The meshes are pyvista's examples (airplane.ply, ant.ply, nut.ply; MIT), taken from its wheel on
-PyPI at run time (`pip download pyvista==0.49.1 --no-deps`, cached in DEFAULT_CACHE) and never
-copied into this repository, nor made a dependency for three files. Each scene is one mesh,
-centred, scaled to a random size and turned to a random rotation, rendered by an exact
-ray-triangle caster (Moller-Trumbore, brute force over the faces) under a fixed light against
-black, from cameras 4 units from its centre (NeRF-synthetic's convention). The colouring makes
-its hidden part exact: every surface point that the context camera (frame 0) sees is painted in
-one palette colour, and every point it cannot see in another, drawn uniformly from the palette.
-The context image shows only seen points, so given it the hidden colour is exactly uniform over
-the palette, on geometry no one here made.
+The meshes (posed_images/mesh_files.py: pyvista's airplane, ant and nut, MIT; pybullet's bunny, duck,
+teddy, mug and torus, zlib) are taken from their wheels on PyPI at run time and never copied into this
+repository. Each scene is one mesh, centred, scaled to a random size and turned to a random rotation,
+rendered by an exact ray-triangle caster (Moller-Trumbore, brute force over the faces) under a fixed
+light against black, from cameras 4 units from its centre (NeRF-synthetic's convention). --meshes
+chooses which; a test set of meshes that a training set left out measures how a model does on a shape
+it never saw. The colouring makes its hidden part exact: every surface point that the context camera
+(frame 0) sees is painted in one palette colour, and every point it cannot see in another, drawn
+uniformly from the palette. The context image shows only seen points, so given it the hidden colour
+is exactly uniform over the palette, on geometry no one here made.
 
 Each scene folder holds transforms_train.json (frame 0 the context, named by "context_frame",
 then random views all around, which show the hidden part and teach its prior),
@@ -40,10 +41,7 @@ import math
 import os
 import shlex
 import shutil
-import struct
-import subprocess
 import sys
-import zipfile
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +49,9 @@ from tqdm import tqdm
 
 import render
 import toy_problems
-from posed_images import formats, writers
+from posed_images import formats, mesh_files, writers
 from toy_problems import scenes3d_world as world_lib
 
-PYVISTA = "pyvista==0.49.1"
-MESHES = ("airplane", "ant", "nut")  # pyvista/examples/<name>.ply in its wheel
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "meshes")
 PALETTE = world_lib.WORLD.palette  # the toy's four colours
 LIGHT = F.normalize(torch.tensor(world_lib.WORLD.light), dim=0)  # a fixed light, from above
 AMBIENT = world_lib.WORLD.ambient
@@ -65,93 +60,6 @@ MANIFEST = "dataset.json"  # at a built set's root: which split, stream, seed, o
 SPLITS = {"train": ("dataset", toy_problems.dataset_generator), "test": ("held_out", toy_problems.held_out_generator)}
 MIN_HIDDEN = 8  # scenes are scored when straight opposite shows this many hidden pixels (thin sheets, seen from
                 # both sides, have hardly any hidden part)
-
-
-# -----------------------------------------------------------------------------
-# Meshes from the registry
-
-
-def read_ply(data):
-    """A PLY file's bytes (ascii or binary_little_endian; vertex x, y, z and face vertex_indices lists) ->
-    vertices (V, 3) float, faces (F, 3) long (polygons split into fans of triangles)."""
-    end = data.index(b"end_header") + len(b"end_header")
-    end += 2 if data[end:end + 2] == b"\r\n" else 1
-    header = data[:end].decode("latin1").split("\n")
-    fmt = next(line.split()[1] for line in header if line.startswith("format"))
-    elements, types = [], {"char": "b", "uchar": "B", "int8": "b", "uint8": "B", "short": "h", "ushort": "H",
-                           "int16": "h", "uint16": "H", "int": "i", "uint": "I", "int32": "i", "uint32": "I",
-                           "float": "f", "float32": "f", "double": "d", "float64": "d"}
-    for line in header:
-        words = line.split()
-        if words[:1] == ["element"]:
-            elements.append((words[1], int(words[2]), []))
-        elif words[:1] == ["property"]:
-            elements[-1][2].append(words[1:])
-    if fmt == "ascii":
-        tokens, pos = data[end:].split(), 0
-    else:
-        body, pos = data[end:], 0
-    vertices, faces = None, []
-    for name, count, props in elements:
-        rows = []
-        for _ in range(count):
-            row = []
-            for prop in props:
-                if prop[0] == "list":
-                    if fmt == "ascii":
-                        n = int(tokens[pos])
-                        row.append([float(x) for x in tokens[pos + 1:pos + 1 + n]])
-                        pos += 1 + n
-                    else:
-                        (n,) = struct.unpack_from("<" + types[prop[1]], body, pos)
-                        pos += struct.calcsize(types[prop[1]])
-                        size = struct.calcsize(types[prop[2]])
-                        row.append(list(struct.unpack_from(f"<{n}{types[prop[2]]}", body, pos)))
-                        pos += n * size
-                elif fmt == "ascii":
-                    row.append(float(tokens[pos]))
-                    pos += 1
-                else:
-                    row.append(struct.unpack_from("<" + types[prop[0]], body, pos)[0])
-                    pos += struct.calcsize(types[prop[0]])
-            rows.append(row)
-        if name == "vertex":
-            names = [p[-1] for p in props]
-            vertices = torch.tensor([[r[names.index(a)] for a in "xyz"] for r in rows], dtype=torch.float32)
-        elif name == "face":
-            for r in rows:
-                poly = [int(i) for i in r[0]]
-                faces += [[poly[0], poly[k], poly[k + 1]] for k in range(1, len(poly) - 1)]
-    return vertices, torch.tensor(faces, dtype=torch.long)
-
-
-def fetch_meshes(cache_dir=None):
-    """{name: (vertices, faces)} of pyvista's example meshes, fetched once from PyPI with pip into cache_dir."""
-    cache_dir = cache_dir or DEFAULT_CACHE
-    paths = {name: os.path.join(cache_dir, f"{name}.ply") for name in MESHES}
-    if not all(os.path.exists(p) for p in paths.values()):
-        if os.environ.get("DFM_NO_DOWNLOAD") == "1":  # the test suite sets it: tests never download
-            raise RuntimeError(f"the meshes are not in {cache_dir} and DFM_NO_DOWNLOAD=1 forbids fetching them")
-        os.makedirs(cache_dir, exist_ok=True)
-        print(f"meshes: fetching {PYVISTA} (2.7 MB) from PyPI into {cache_dir}, for three of its example meshes",
-              file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--retries", "1",
-               "--timeout", "30", "-d", cache_dir, PYVISTA]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        wheels = [f for f in os.listdir(cache_dir) if f.startswith("pyvista-") and f.endswith(".whl")]
-        if r.returncode != 0 or not wheels:
-            lines = (r.stderr or r.stdout).strip().splitlines() or ["no output"]
-            raise RuntimeError(f"pip download {PYVISTA} failed: {lines[-1]}")
-        with zipfile.ZipFile(os.path.join(cache_dir, wheels[0])) as wheel:
-            for name, path in paths.items():
-                with toy_problems.written_whole(path) as tmp, open(tmp, "wb") as f:
-                    f.write(wheel.read(f"pyvista/examples/{name}.ply"))
-        os.remove(os.path.join(cache_dir, wheels[0]))
-    meshes = {}
-    for name, path in paths.items():
-        with open(path, "rb") as f:
-            meshes[name] = read_ply(f.read())
-    return meshes
 
 
 # -----------------------------------------------------------------------------
@@ -283,9 +191,11 @@ def write_scene(folder, scene, faces, size):
     return seen_colour, hidden_colour
 
 
-def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=True, split="train"):
-    """Write n_scenes scenes (mesh i % 3, each its own rotation, scale, colours and cameras) into out/scene_NNN,
-    and MANIFEST beside them.
+def build(out, n_scenes=48, n_views=10, size=32, seed=0, names=mesh_files.NAMES, meshes=None, progress=True,
+          split="train"):
+    """Write n_scenes scenes (mesh i % len(names) of the named meshes, sorted, each scene its own rotation, scale,
+    colours and cameras) into out/scene_NNN, and MANIFEST beside them; meshes {name: (vertices, faces)} instead
+    of names: those meshes, not fetched (the tests' own).
 
     split "train" draws the scenes from toy_problems.dataset_generator(seed), "test" from held_out_generator(seed)
     (module docstring). The set is built in out.partial, which holds formats.UNFINISHED (the loaders refuse it)
@@ -296,6 +206,9 @@ def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=T
     finish."""
     if split not in SPLITS:
         raise ValueError(f"--split must be train or test, got {split!r}")
+    unknown = [n for n in names if n not in mesh_files.NAMES]
+    if meshes is None and (unknown or not names):
+        raise ValueError(f"--meshes must name some of {', '.join(mesh_files.NAMES)}, got {', '.join(names) or 'none'}")
     stream, make_generator = SPLITS[split]
     generator = make_generator(seed)  # a seed outside [0, 2^30) is refused here, before any folder is made
     out = os.path.normpath(out)
@@ -306,7 +219,8 @@ def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=T
     marker = os.path.join(partial, formats.UNFINISHED)
     command = shlex.join(["python", "-m", "posed_images.meshes", "--out", out, "--scenes", str(n_scenes),
                           "--views", str(n_views), "--size", str(size), "--seed", str(seed)]
-                         + (["--split", split] if split != "train" else []))  # train: the default, left out
+                         + (["--split", split] if split != "train" else [])  # the defaults left out
+                         + (["--meshes", *names] if meshes is None and tuple(names) != mesh_files.NAMES else []))
     if os.path.isdir(partial) and os.listdir(partial):  # an interrupted build
         if not os.path.isfile(marker):
             raise ValueError(f"{partial!r} exists and is not an unfinished build of posed_images/meshes.py; move it "
@@ -323,7 +237,7 @@ def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=T
         raise ValueError(f"--out {out!r}: cannot write the folder {partial!r} beside it ({e.strerror})") from None
     try:
         fetched = meshes is None
-        meshes = meshes or fetch_meshes()  # after the folder proved writable, not before
+        meshes = meshes or mesh_files.fetch_meshes(names)  # after the folder proved writable, not before
     except BaseException:
         if os.listdir(partial) == [formats.UNFINISHED]:  # nothing built yet: leave nothing behind
             shutil.rmtree(partial)
@@ -354,7 +268,9 @@ def build(out, n_scenes=48, n_views=10, size=32, seed=0, meshes=None, progress=T
     finally:
         bar.close()
     manifest = {"split": split, "stream": stream, "seed": seed, "scenes": n_scenes, "views": n_views, "size": size,
-                "meshes": names, "source": PYVISTA if fetched else "given to build()", "command": command}
+                "meshes": names, "command": command,
+                "source": [w for w, files in mesh_files.SOURCES.items() if set(files) & set(names)] if fetched
+                else "given to build()"}
     with toy_problems.written_whole(os.path.join(partial, MANIFEST)) as tmp, open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
     os.remove(marker)
@@ -395,6 +311,9 @@ def main():
     parser.add_argument("--size", type=int, default=32, help="image side in pixels, >= 8 (default: 32, scenes3d's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the rotations, scales, colours and cameras, "
                         f"in [0, 2^{toy_problems.SEED_BITS}) (default: 0)")
+    parser.add_argument("--meshes", nargs="+", choices=mesh_files.NAMES, default=list(mesh_files.NAMES),
+                        metavar="MESH", help="the meshes the scenes take in turn, of: " + ", ".join(mesh_files.NAMES)
+                        + " (default: all; a test set of meshes a training set left out scores unseen shapes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: show one)")
     args = parser.parse_args()
     args.out = args.out or os.path.join("out", "meshes" if args.split == "train" else "meshes-test")
@@ -405,8 +324,8 @@ def main():
                                    f"in [0, 2^{toy_problems.SEED_BITS})")):
             if not ok:
                 raise ValueError(f"--{name} must be {allowed}, got {getattr(args, name)}")
-        build(args.out, args.scenes, args.views, args.size, args.seed, progress=not args.no_progress,
-              split=args.split)
+        build(args.out, args.scenes, args.views, args.size, args.seed, names=tuple(dict.fromkeys(args.meshes)),
+              progress=not args.no_progress, split=args.split)
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)

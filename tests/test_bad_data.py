@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from posed_images import dataset, formats, meshes, writers
+from posed_images import dataset, formats, mesh_files, meshes, writers
 from test_meshes import CUBE_FACES, CUBE_VERTICES
 from test_multiview import edit_line, known_cameras, written_re10k
 
@@ -327,12 +327,12 @@ def test_an_interrupted_build_leaves_no_data_set_and_resumes_to_the_uninterrupte
     assert len(dataset.find_sequences(str(out), "blender", progress=False)) == 3
 
 
-def no_network():
+def no_network(names):
     raise RuntimeError("pip download pyvista==0.49.1 failed: no network")
 
 
-def run_meshes(monkeypatch, capsys, *args, fetch=lambda: CUBE):
-    monkeypatch.setattr(meshes, "fetch_meshes", fetch)
+def run_meshes(monkeypatch, capsys, *args, fetch=lambda names: CUBE):
+    monkeypatch.setattr(mesh_files, "fetch_meshes", fetch)
     monkeypatch.setattr("sys.argv", ["meshes.py", "--scenes", "2", "--views", "2", "--size", "8", "--no-progress",
                                      *map(str, args)])
     with pytest.raises(SystemExit) as exit:

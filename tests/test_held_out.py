@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import toy_problems
-from posed_images import dataset, formats, mesh_scores, meshes, problem, writers
+from posed_images import dataset, formats, mesh_files, mesh_scores, meshes, problem, writers
 from test_meshes import CUBE_FACES, CUBE_VERTICES
 from test_scenes3d import TINY, tiny_model
 from toy_problems import scenes3d
@@ -92,7 +92,7 @@ def test_train_py_refuses_a_test_set_before_writing_anything(sets, tmp_path, mon
 
 
 def test_meshes_py_builds_a_test_set_and_says_how_to_score_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(meshes, "fetch_meshes", lambda: CUBE)
+    monkeypatch.setattr(mesh_files, "fetch_meshes", lambda names: CUBE)
     argv = ["meshes.py", "--scenes", "1", "--views", "2", "--size", "8", "--no-progress", "--split", "test"]
     monkeypatch.setattr("sys.argv", argv + ["--out", str(tmp_path / "set"), "--seed", str(2 ** 30)])
     with pytest.raises(SystemExit) as exit:

@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from posed_images import formats, mesh_scores, meshes
+from posed_images import formats, mesh_files, mesh_scores, meshes
 import render
 from test_scenes3d import TINY, tiny_model
 from toy_problems import scenes3d_world as world_lib
@@ -50,9 +50,17 @@ def ply(binary):
 
 @pytest.mark.parametrize("binary", [False, True])
 def test_ply_files_are_read_and_polygons_split_into_triangles(binary):
-    vertices, faces = meshes.read_ply(ply(binary))
+    vertices, faces = mesh_files.read_ply(ply(binary))
     assert vertices.shape == (5, 3) and vertices[4].tolist() == [1.0, 1.0, 0.0]
     assert faces.tolist()[-2:] == [[1, 4, 2], [1, 2, 0]] and faces.shape == (6, 3)
+
+
+def test_obj_files_of_several_objects_are_read_with_every_index_form_and_polygons_split():
+    obj = (b"# two objects\no first\nv 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nvn 0 0 1\nf 1/1/1 2/1/1 3/1/1\n"
+           b"o second\nv 0 0 1\nv 1 1 1\nf -2//1 -1//1 2 1\n")  # a quad with negative and plain indices
+    vertices, faces = mesh_files.read_obj(obj)
+    assert vertices.shape == (5, 3) and vertices[4].tolist() == [1.0, 1.0, 1.0]
+    assert faces.tolist() == [[0, 1, 2], [3, 4, 1], [3, 1, 0]]
 
 
 def test_the_context_sees_only_the_seen_colour_and_the_far_side_shows_the_hidden_part():
@@ -118,10 +126,34 @@ def test_hidden_scores_run_on_a_built_test_set_and_building_never_overwrites(tmp
 
 def test_the_registry_meshes_are_never_fetched_in_tests_and_read_when_cached(tmp_path):
     with pytest.raises(RuntimeError, match="DFM_NO_DOWNLOAD=1 forbids fetching"):
-        meshes.fetch_meshes(str(tmp_path))
-    if not all(os.path.exists(os.path.join(meshes.DEFAULT_CACHE, f"{n}.ply")) for n in meshes.MESHES):
-        pytest.skip(f"pyvista's meshes are not cached in {meshes.DEFAULT_CACHE} "
-                    "(python -m posed_images.meshes fetches them)")
-    found = meshes.fetch_meshes()
-    assert {n: tuple(f.shape) for n, (_, f) in found.items()} == {"airplane": (2452, 3), "ant": (912, 3),
-                                                                 "nut": (1046, 3)}
+        mesh_files.fetch_meshes(cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown mesh 'teapot'; the meshes are airplane, ant"):
+        mesh_files.fetch_meshes(("duck", "teapot"), cache_dir=str(tmp_path))
+    cached = os.listdir(mesh_files.DEFAULT_CACHE) if os.path.isdir(mesh_files.DEFAULT_CACHE) else []
+    if len(cached) < len(mesh_files.NAMES):
+        pytest.skip(f"the meshes are not cached in {mesh_files.DEFAULT_CACHE} (python -m posed_images.meshes fetches "
+                    "them)")
+    found = mesh_files.fetch_meshes()
+    assert {n: tuple(f.shape) for n, (_, f) in found.items()} == {
+        "airplane": (2452, 3), "ant": (912, 3), "nut": (1046, 3), "bunny": (902, 3), "duck": (4212, 3),
+        "teddy": (2432, 3), "mug": (864, 3), "torus": (1002, 3)}
+    for name, (vertices, faces) in found.items():  # every face indexes a vertex
+        assert faces.min() >= 0 and faces.max() < len(vertices), name
+
+
+def test_a_set_of_chosen_meshes_fetches_only_those_and_records_them(tmp_path, monkeypatch):
+    asked = []
+
+    def fetch(names):
+        asked.append(tuple(names))
+        return {n: (CUBE_VERTICES * (1 + k), CUBE_FACES) for k, n in enumerate(names)}
+    monkeypatch.setattr(mesh_files, "fetch_meshes", fetch)
+    meshes.build(str(tmp_path / "set"), n_scenes=2, n_views=2, size=8, names=("torus", "duck"), progress=False,
+                 split="test")
+    _, manifest = meshes.read_manifest(str(tmp_path / "set"))
+    assert asked == [("torus", "duck")] and manifest["meshes"] == ["duck", "torus"]
+    assert manifest["command"].endswith("--split test --meshes torus duck")
+    assert manifest["source"] == ["pybullet==3.2.7"]
+    with pytest.raises(ValueError, match="--meshes must name some of airplane, ant, nut, bunny"):
+        meshes.build(str(tmp_path / "other"), n_scenes=1, names=("teapot",), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["set"]  # the refusal made no folder
