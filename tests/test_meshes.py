@@ -32,6 +32,23 @@ def test_the_caster_finds_the_exact_hits_on_a_cube():
     assert torch.allclose(t[hits], near[hits], atol=1e-5)
 
 
+
+def test_the_tiled_caster_finds_the_same_hits_as_brute_force_from_any_camera():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.rand(300, 1, 3, generator=g) * 1.6 - 0.8
+    vertices = (centres + 0.15 * torch.randn(300, 3, 3, generator=g)).reshape(-1, 3)  # a soup of small triangles
+    faces = torch.arange(900).view(300, 3)
+    for azimuth, elevation in ((0.0, 25.0), (137.0, -40.0), (250.0, 80.0)):
+        c2w, K = meshes.camera(azimuth, elevation, 16)
+        uv = torch.rand(500, 2, generator=g) * 1.2 - 0.1  # inside the image, and a little outside it
+        origins, dirs = render.get_rays(c2w, K, uv)
+        t, face = meshes.cast(vertices, faces, origins.expand_as(dirs), dirs)
+        t_tiled, face_tiled = meshes.cast_from_camera(vertices, faces, c2w, K, uv)
+        inside = ((uv >= 0) & (uv <= 1)).all(-1)  # the tiles cover the image; outside it only the nearest tile's
+        assert 100 < (face[inside] >= 0).sum() < inside.sum()  # some rays hit, some miss
+        assert torch.equal(face_tiled[inside], face[inside]) and torch.equal(t_tiled[inside], t[inside])
+
+
 def ply(binary):
     """A tetrahedron plus a quad (split into two triangles), as PLY bytes."""
     vertices = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)]
