@@ -117,12 +117,16 @@ def score_meshes(model, cfg, args):
     """sample.py --meshes: the hidden colour of a test set of posed_images/meshes.py against its exact posterior."""
     if not cfg.problem.startswith("scenes3d"):
         raise ValueError(f"--meshes is for checkpoints of the 3D problems (scenes3d*), not {cfg.problem}")
-    from posed_images import mesh_scores
+    from posed_images import mesh_scores, meshes
     scores = mesh_scores.hidden_scores(model, args.meshes, cfg.data, n_scenes=args.n_contexts or 8,
                                        n_samples=args.n_samples or 16, steps=args.steps or 50, seed=args.seed)
     print(f"{cfg.problem} / {cfg.model} on {args.meshes}:")
     for name, value in scores.items():
         print(f"  {name:>24s}  {value:.4f}")
+    trained = meshes.read_manifest(cfg.data) if cfg.data else (None, {"meshes": []})  # the toy's scenes: no mesh
+    shapes = meshes.read_manifest(args.meshes)[1]["meshes"]
+    print(f"  {'meshes':>24s}  " + ", ".join(  # a training set without a record: not known, so not said
+        m + (" (not in training)" if trained and m not in trained[1]["meshes"] else "") for m in shapes))
 
 
 def with_data(cfg, data, needs_no_data):

@@ -169,5 +169,6 @@ def test_sample_py_scores_a_checkpoint_on_a_test_set_and_refuses_a_training_set(
     ckpt = tmp_path / "run" / "ckpt.pt"
     code, out, err = cli(sample, ckpt, "--meshes", tmp_path / "test", "--n-samples", "2", "--steps", "1")
     assert code == 0 and "hidden_tv_floor" in out and "consistent" in out, err
+    assert out.splitlines()[-1].split() == ["meshes", "cube", "(not", "in", "training)"]  # a toy model saw no mesh
     code, out, err = cli(sample, ckpt, "--meshes", tmp_path / "train", "--n-samples", "2", "--steps", "1")
     assert code == 2 and out == "" and err.count("\n") == 1 and "a training set" in err, err
