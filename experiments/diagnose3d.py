@@ -20,6 +20,12 @@ scene rendered with back colour(s) k,
    often a sample's back copies its front colour (exact: 1 / palette size).
 4. supervision: the share of training patches (target and novel view) that hold back-half
    pixels, from the problem's own sample_batch.
+
+With --meshes DIR, a model (trained on the toy or on a data set) is checked on a test set of
+posed_images/meshes.py instead, whose hidden part is exact too (posterior.pt: the far view with the
+hidden part in every palette colour): checks 1 and 2, on its scenes' straight-opposite views.
+
+    python -m experiments.diagnose3d out/mesh-dfm/ckpt.pt --meshes out/meshes-test
 """
 import argparse
 import itertools
@@ -30,6 +36,7 @@ import dfm
 import toy_problems
 import train
 from experiments.diagnose import ExactDenoiser, exact_x0, posterior_weights
+from posed_images import mesh_scores
 from toy_problems import scenes3d_eval, scenes3d_world as world_lib
 
 T_READ = (0, 50, 100, 200, 400, 600, 800)
@@ -74,20 +81,28 @@ def check_sampler(batch, far, world, timesteps, n, steps, generator):
     return scores
 
 
+def denoised_once(model, batch, far, truth, generator, header):
+    """Check 2's loop: for each t of T_READ, (t, abar_t, x_t, x0): the true far view truth (B, 3, S, S) noised to t
+    and denoised once by the model at the far cameras; prints the check's title and the table's header first."""
+    eps = torch.randn(truth.shape, generator=generator)
+    print("2. reading the target: noise the true far view to t, denoise once, render the field from the far side")
+    print(header)
+    for t in T_READ:
+        abar = model.abar[t]
+        x_t = abar.sqrt() * truth + (1 - abar).sqrt() * eps
+        _, x0 = model.denoise(batch["ctxt_obs"], batch["ctxt_params"], x_t, far,
+                              torch.full((len(truth),), t, dtype=torch.long))
+        yield t, abar, x_t, x0
+
+
 @torch.no_grad()
 def check_reading(model, batch, far, world, generator):
     """2. One denoising step from the noisy true far view: back-colour accuracy against the Bayes accuracy."""
     truth = world_lib.render_scenes(batch["scenes"], far, world)  # (B, 3, H, W)
     renders, backs = palette_renders(batch["scenes"], far, world)
     true_k = (backs[None] == batch["scenes"]["back"][:, None]).all(-1).float().argmax(1)  # (B,) index of the truth
-    eps = torch.randn(truth.shape, generator=generator)
-    print("2. reading the target: noise the true far view to t, denoise once, render the field from the far side")
-    print("   t     model accuracy  model back RMSE  front copies   Bayes accuracy")
-    for t in T_READ:
-        abar = model.abar[t]
-        x_t = abar.sqrt() * truth + (1 - abar).sqrt() * eps
-        _, x0 = model.denoise(batch["ctxt_obs"], batch["ctxt_params"], x_t, far,
-                              torch.full((truth.shape[0],), t, dtype=torch.long))
+    for t, abar, x_t, x0 in denoised_once(model, batch, far, truth, generator,
+                                          "   t     model accuracy  model back RMSE  front copies   Bayes accuracy"):
         s = world_lib.back_colour_scores(x0[:, None], batch["scenes"], far, world)
         v = s["valid"]  # (B, M)
         accuracy = (s["nearest"][:, 0] == batch["scenes"]["back"])[v].float().mean().item()
@@ -130,6 +145,41 @@ def check_supervision(problem, n=512, seed=0):
     print("4. supervision: " + "; ".join(line))
 
 
+def mesh_truth(data, trained_on, size, n):
+    """A mesh test set's first n scenes for checks 1 and 2: the batch (context, straight-opposite camera), renders
+    (B, K, 3, S, S) of that view with the hidden part in each palette colour, keep (B, 1, S, S) its hidden pixels,
+    and the true hidden colour (B,) and seen colour (B,)."""
+    batch, _, posteriors = mesh_scores.held_out_scenes(data, trained_on, size, n)
+    renders = torch.stack([p["palette_renders"][0] for p in posteriors])
+    keep = torch.stack([p["hidden"][0] for p in posteriors])[:, None]
+    hidden, seen = (torch.tensor([p[k] for p in posteriors]) for k in ("hidden_colour", "seen_colour"))
+    return batch, renders, keep, hidden, seen
+
+
+def check_sampler_meshes(batch, renders, keep, timesteps, n, steps, generator):
+    """1. on a mesh set: dfm's DDIM sampler with the exact x0* of the hidden colour: its hidden_tv, floor, sharp."""
+    exact = renders.repeat_interleave(n, 0)  # (B * n, K, 3, S, S): one row per sample, as sample_signals draws
+    bayes = dfm.DFM(ExactDenoiser(lambda x_t, abar: exact_x0(x_t, exact, abar)), dfm.identity, timesteps)
+    scores = world_lib.hidden_colour_scores(dfm.sample_signals(bayes, batch, n, generator, steps), keep, renders)
+    floor = world_lib.hidden_floor(n, len(renders), torch.Generator().manual_seed(0), renders.shape[1])
+    print(f"1. sampler: DDIM ({steps} steps) driven by the exact x0*: hidden_tv {scores['tv']:.3f} "
+          f"(floor {floor:.3f}), sharp {scores['sharp']:.3f}  [expected: the floor and about 1]")
+    return scores
+
+
+@torch.no_grad()
+def check_reading_meshes(model, batch, renders, keep, hidden, seen, generator):
+    """2. on a mesh set: one denoising step from the noisy true far view: hidden-colour accuracy against Bayes'."""
+    truth = renders[torch.arange(len(hidden)), hidden]  # (B, 3, S, S)
+    for t, abar, x_t, x0 in denoised_once(model, batch, batch["trgt_params"], truth, generator,
+                                          "   t     model accuracy  model hidden RMSE  seen copies   Bayes accuracy"):
+        s = world_lib.hidden_colour_scores(x0[:, None], keep, renders)
+        nearest = s["nearest"][:, 0, 0]  # (B,)
+        bayes = (posterior_weights(x_t, renders, abar.expand(len(x_t))).argmax(1) == hidden).float().mean().item()
+        print(f"   {t:<5d} {(nearest == hidden).float().mean().item():14.3f} {s['rmse'].mean().item():18.3f} "
+              f"{(nearest == seen).float().mean().item():12.3f} {bayes:16.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(prog="python -m experiments.diagnose3d", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,6 +188,9 @@ def main():
     parser.add_argument("--n-samples", type=int, default=8, help="samples per context for checks 1 and 3 (default 8)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="held-out contexts and noise (default 0)")
+    parser.add_argument("--meshes", metavar="DIR", help="check on this test set of posed_images/meshes.py (built "
+                        "with --split test, never the model's training set) instead of the toy's scenes: checks 1 "
+                        "and 2, --n-contexts of its scenes (default: the toy's scenes, all four checks)")
     args = parser.parse_args()
     with toy_problems.one_line_exit():
         for name in ("n_contexts", "n_samples", "steps"):
@@ -145,14 +198,24 @@ def main():
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {2 if name == 'n_samples' else 1}, "
                                  f"got {getattr(args, name)}")
         ckpt, cfg = train.load_checkpoint(args.checkpoint)  # a one-line error for a missing or damaged file
-        if not cfg.problem.startswith("scenes3d") or cfg.model != "dfm" or cfg.data:
+        if not cfg.problem.startswith("scenes3d") or cfg.model != "dfm" or (cfg.data and args.meshes is None):
             raise ValueError(f"{args.checkpoint} holds a {cfg.problem} {cfg.model} model"
                              + (f" trained on --data {cfg.data}" if cfg.data else "") +
-                             "; this diagnoses a scenes3d dfm model trained on the toy's scenes, whose hidden half "
-                             "it knows exactly")
+                             "; this diagnoses a scenes3d dfm model, on the toy's scenes (whose hidden half it knows "
+                             "exactly) if it trained on them, else on a mesh test set (--meshes DIR)")
         model, cfg = train.load_ema_model(args.checkpoint)
         step = ckpt["step"]
-        run(model, cfg, step, args)
+        if args.meshes is None:
+            run(model, cfg, step, args)
+            return
+        model.eval()
+        batch, renders, keep, hidden, seen = mesh_truth(args.meshes, cfg.data, model.denoiser.setting.world.size,
+                                                        args.n_contexts)
+        print(f"{args.checkpoint}: {cfg.problem} {model.kind} after {step} steps; {len(hidden)} scenes of "
+              f"{args.meshes}")
+        check_sampler_meshes(batch, renders, keep, model.timesteps, args.n_samples, args.steps,
+                             torch.Generator().manual_seed(args.seed))
+        check_reading_meshes(model, batch, renders, keep, hidden, seen, torch.Generator().manual_seed(args.seed))
 
 
 def run(model, cfg, step, args):

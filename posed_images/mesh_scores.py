@@ -39,26 +39,15 @@ def check_held_out(data, trained_on, size):
                          f"{found[1]['split']}), never held out; build a test set with: {build_test}")
 
 
-@torch.no_grad()
-def hidden_scores(model, data, trained_on, n_scenes=8, n_samples=16, steps=50, seed=0,
-                  threshold=world_lib.SHARP_RMSE):
-    """How well a model's samples get the hidden colour of the first n_scenes scenes of a built test set `data`,
-    scored as the toy's back colours are (scenes3d_world.hidden_colour_scores). trained_on: the data set of the
-    model's checkpoint (its config's data; "" for the toy's scenes): check_held_out refuses a set it holds.
-
-    Scenes whose straight-opposite view shows fewer than meshes.MIN_HIDDEN hidden pixels are passed over. Samples
-    aim at the far-side camera straight opposite (where the hidden part is in view); each is rendered at the
-    three far cameras (scenes3d_world.FAR_SIDE_DEG) and classified as the palette colour whose exact render
-    is nearest on the hidden pixels. Returns hidden_tv (total variation between each scene's histogram of
-    sampled colours and the exact uniform, from straight opposite), hidden_tv_floor (what exact samples
-    score), sharp (the fraction of samples within RMSE threshold of one palette render), consistent (how
-    often the 150 and 210 degree views of a sample agree), psnr_context (the render at the context camera)
-    and scenes, how many were scored."""
+def held_out_scenes(data, trained_on, size, n_scenes, device="cpu"):
+    """The first n_scenes scorable scenes of a built test set `data` (hidden_scores' docstring), each with one context
+    view and its far cameras, after check_held_out: (batch, far, posteriors). batch: ctxt_obs (B, 1, 3, S, S) and
+    ctxt_params (the context camera at the origin, as in training), trgt_params the far camera straight opposite;
+    far: per scene its three far cameras, c2w (3, 4, 4) and K (3, 3, 3); posteriors: per scene its posterior.pt."""
     if not os.path.isdir(data):
         raise FileNotFoundError(f"{data}: no such folder (build a test set with: python -m posed_images.meshes "
                                 f"--out {data} --split test)")
     formats.check_finished([data])
-    device, size = next(model.parameters()).device, model.denoiser.setting.world.size
     check_held_out(data, trained_on, size)
     names = []
     for name in sorted(os.listdir(data)):
@@ -82,13 +71,34 @@ def hidden_scores(model, data, trained_on, n_scenes=8, n_samples=16, steps=50, s
         # poses relative to the context camera, as in training: c2w (3, 4, 4), K (3, 3, 3), one per far camera
         far.append({"c2w": torch.linalg.inv(train["c2w"][0]) @ test["c2w"], "K": test["K"]})
         posteriors.append(torch.load(os.path.join(folder, "posterior.pt"), weights_only=True))
-    B, n = len(names), n_samples
+    B = len(names)
     ctxt_K = torch.stack([K for _, K in contexts])  # (B, 3, 3)
     batch = {"ctxt_obs": torch.stack([image for image, _ in contexts])[:, None],  # (B, 1, 3, S, S)
              "ctxt_params": {"c2w": torch.eye(4).expand(B, 1, 4, 4), "K": ctxt_K[:, None]},
              "trgt_obs": torch.zeros(B, 3, size, size),  # only its shape is used
              "trgt_params": {k: torch.stack([f[k][0] for f in far]) for k in ("c2w", "K")}}  # straight opposite
     batch = dfm.map_batch(lambda v: v.to(device), batch)
+    return batch, far, posteriors
+
+
+@torch.no_grad()
+def hidden_scores(model, data, trained_on, n_scenes=8, n_samples=16, steps=50, seed=0,
+                  threshold=world_lib.SHARP_RMSE):
+    """How well a model's samples get the hidden colour of the first n_scenes scenes of a built test set `data`,
+    scored as the toy's back colours are (scenes3d_world.hidden_colour_scores). trained_on: the data set of the
+    model's checkpoint (its config's data; "" for the toy's scenes): check_held_out refuses a set it holds.
+
+    Scenes whose straight-opposite view shows fewer than meshes.MIN_HIDDEN hidden pixels are passed over. Samples
+    aim at the far-side camera straight opposite (where the hidden part is in view); each is rendered at the
+    three far cameras (scenes3d_world.FAR_SIDE_DEG) and classified as the palette colour whose exact render
+    is nearest on the hidden pixels. Returns hidden_tv (total variation between each scene's histogram of
+    sampled colours and the exact uniform, from straight opposite), hidden_tv_floor (what exact samples
+    score), sharp (the fraction of samples within RMSE threshold of one palette render), consistent (how
+    often the 150 and 210 degree views of a sample agree), psnr_context (the render at the context camera)
+    and scenes, how many were scored."""
+    device, size = next(model.parameters()).device, model.denoiser.setting.world.size
+    batch, far, posteriors = held_out_scenes(data, trained_on, size, n_scenes, device)
+    B, n, ctxt_K = len(posteriors), n_samples, batch["ctxt_params"]["K"][:, 0]
     signal = dfm.sample_signals(model, batch, n, torch.Generator(device=device).manual_seed(seed), steps)  # B * n
     scores = []
     for v in range(len(world_lib.FAR_SIDE_DEG)):
@@ -99,7 +109,7 @@ def hidden_scores(model, data, trained_on, n_scenes=8, n_samples=16, steps=50, s
         scores.append(world_lib.hidden_colour_scores(views, keep, colours, threshold))
     both = scores[1]["valid"] & scores[2]["valid"]  # (B, 1)
     agree = (scores[1]["nearest"] == scores[2]["nearest"]).float()  # (B, n, 1)
-    identity = {"c2w": torch.eye(4, device=device).expand(B * n, 4, 4), "K": ctxt_K.to(device).repeat_interleave(n, 0)}
+    identity = {"c2w": torch.eye(4, device=device).expand(B * n, 4, 4), "K": ctxt_K.repeat_interleave(n, 0)}
     context = scenes3d.forward(signal, identity)  # (B * n, 3, S, S)
     floor = world_lib.hidden_floor(n, B, torch.Generator().manual_seed(seed), len(meshes.PALETTE))
     return {"hidden_tv": scores[0]["tv"], "hidden_tv_floor": floor, "sharp": scores[0]["sharp"],

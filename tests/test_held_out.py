@@ -156,9 +156,9 @@ def test_the_share_of_far_targets_is_the_one_asked_for(share):
     assert [list(data.pick_frames(12, again, context=0, far=far)) for _ in range(5)] == picks[:5].tolist()
 
 
-def test_sample_py_scores_a_checkpoint_on_a_test_set_and_refuses_a_training_set(tmp_path, monkeypatch, cli):
+def tiny_run_and_mesh_sets(tmp_path, monkeypatch):
+    """A one-step tiny scenes3d checkpoint, and a training and a test set of cube scenes beside it."""
     import config
-    import sample
     import train
     monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", TINY)
     train.train(config.make_config("scenes3d", steps=1, batch_size=1, eval_every=0, out_dir=str(tmp_path / "run")),
@@ -166,9 +166,29 @@ def test_sample_py_scores_a_checkpoint_on_a_test_set_and_refuses_a_training_set(
     for split in ("train", "test"):
         meshes.build(str(tmp_path / split), n_scenes=2, n_views=3, size=TINY.world.size, seed=0, meshes=CUBE,
                      progress=False, split=split)
-    ckpt = tmp_path / "run" / "ckpt.pt"
+    return tmp_path / "run" / "ckpt.pt"
+
+
+def test_sample_py_scores_a_checkpoint_on_a_test_set_and_refuses_a_training_set(tmp_path, monkeypatch, cli):
+    import sample
+    ckpt = tiny_run_and_mesh_sets(tmp_path, monkeypatch)
     code, out, err = cli(sample, ckpt, "--meshes", tmp_path / "test", "--n-samples", "2", "--steps", "1")
     assert code == 0 and "hidden_tv_floor" in out and "consistent" in out, err
     assert out.splitlines()[-1].split() == ["meshes", "cube", "(not", "in", "training)"]  # a toy model saw no mesh
     code, out, err = cli(sample, ckpt, "--meshes", tmp_path / "train", "--n-samples", "2", "--steps", "1")
     assert code == 2 and out == "" and err.count("\n") == 1 and "a training set" in err, err
+
+
+def test_diagnose3d_checks_a_model_on_a_mesh_test_set_and_refuses_a_training_set(tmp_path, monkeypatch, cli):
+    from experiments import diagnose3d
+    ckpt = tiny_run_and_mesh_sets(tmp_path, monkeypatch)
+    code, out, err = cli(diagnose3d, ckpt, "--meshes", tmp_path / "test", "--n-samples", "4", "--steps", "2")
+    assert code == 0 and "1. sampler" in out and "2. reading" in out, err
+    assert out.count("\n   ") == 1 + len(diagnose3d.T_READ)  # the reading table: a header and a row per t
+    code, out, err = cli(diagnose3d, ckpt, "--meshes", tmp_path / "train")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "a training set" in err, err
+    # the exact denoiser's samples commit (every one sharp) and differ (not all one colour: tv 0.75)
+    batch, renders, keep, hidden, seen = diagnose3d.mesh_truth(str(tmp_path / "test"), "", TINY.world.size, 2)
+    assert renders.shape[:2] == (2, 4) and keep.shape == (2, 1, TINY.world.size, TINY.world.size)
+    scores = diagnose3d.check_sampler_meshes(batch, renders, keep, 1000, 8, 20, torch.Generator().manual_seed(0))
+    assert scores["sharp"] == 1 and scores["tv"] < 0.6
