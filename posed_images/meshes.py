@@ -58,6 +58,7 @@ AMBIENT = world_lib.WORLD.ambient
 CAM_DIST, HALF_FOV_DEG = 4.0, 15.0  # the object (radius <= 1) fills most of the image
 MANIFEST = "dataset.json"  # at a built set's root: which split, stream, seed, options and meshes made it
 SPLITS = {"train": ("dataset", toy_problems.dataset_generator), "test": ("held_out", toy_problems.held_out_generator)}
+TILES = 8  # cast_from_camera's grid: at 32x32, 4x4 pixels a tile, the fastest of 4, 8 and 16 on the duck
 MIN_HIDDEN = 8  # scenes are scored when straight opposite shows this many hidden pixels (thin sheets, seen from
                 # both sides, have hardly any hidden part)
 
@@ -90,10 +91,10 @@ def cast(vertices, faces, origins, dirs, chunk=512):
     return torch.cat(ts), torch.cat(hits)
 
 
-def cast_from_camera(vertices, faces, c2w, K, uv, tiles=8):
+def cast_from_camera(vertices, faces, c2w, K, uv):
     """cast() for the rays from one camera (c2w (4, 4), K (3, 3)) through image points uv (R, 2) in [0, 1]: the
     same hits, found faster by testing each ray only against the faces whose projected bounding box overlaps its
-    tile of a tiles x tiles grid over the image. A ray through uv can only hit a face in front of the camera whose projection
+    tile of a TILES x TILES grid over the image. A ray through uv can only hit a face in front of the camera whose projection
     holds uv, so this is exact; a mesh reaching behind the camera is cast by brute force. -> t (R,), face (R,)."""
     origins, dirs = render.get_rays(c2w, K, uv)  # (R, 3)
     origins = origins.expand_as(dirs)
@@ -101,11 +102,11 @@ def cast_from_camera(vertices, faces, c2w, K, uv, tiles=8):
     if (depth <= 1e-6).any():
         return cast(vertices, faces, origins, dirs)
     lo, hi = corners[faces].amin(1) - 1e-4, corners[faces].amax(1) + 1e-4  # (F, 2) each, the faces' boxes
-    edges = torch.arange(tiles + 1, device=uv.device) / tiles
-    overlaps = (lo[..., None] <= edges[1:]) & (hi[..., None] >= edges[:-1])  # (F, 2, tiles): along u and along v
-    covers = (overlaps[:, 1, :, None] & overlaps[:, 0, None, :]).flatten(1)  # (F, tiles * tiles), row-major in v
-    cell = (uv.clamp(0, 1 - 1e-6) * tiles).long()  # (R, 2)
-    tile = cell[:, 1] * tiles + cell[:, 0]  # (R,)
+    edges = torch.arange(TILES + 1, device=uv.device) / TILES
+    overlaps = (lo[..., None] <= edges[1:]) & (hi[..., None] >= edges[:-1])  # (F, 2, TILES): along u and along v
+    covers = (overlaps[:, 1, :, None] & overlaps[:, 0, None, :]).flatten(1)  # (F, TILES * TILES), row-major in v
+    cell = (uv.clamp(0, 1 - 1e-6) * TILES).long()  # (R, 2)
+    tile = cell[:, 1] * TILES + cell[:, 0]  # (R,)
     t, face = torch.full_like(uv[:, 0], math.inf), torch.full_like(tile, -1)
     for k in tile.unique().tolist():
         rays, candidates = (tile == k).nonzero()[:, 0], covers[:, k].nonzero()[:, 0]
