@@ -1,6 +1,6 @@
-"""The problem train.py and sample.py use for posed images on disk: scenes3d's model (toy_problems/scenes3d.py)
-with the data set's batches (posed_images/dataset.py) and scores that need no exact posterior, and the pictures
-and the one-image context of sample.py.
+"""The problem train.py and sample.py use for posed images on disk: scenes3d's model (toy_problems/scenes3d.py,
+scenes3d_networks.py) with the data set's batches (posed_images/dataset.py) and scores that need no exact
+posterior, and the pictures and the one-image context of sample.py.
 
     python train.py --problem scenes3d --data PATH --format re10k|co3d|blender
     python sample.py out/scenes3d-dfm/ckpt.pt --image my.png --fov 60
@@ -58,10 +58,11 @@ def make_problem(name, data, format, frame_window=0, workers=0, progress=True):
         set on disk has no held-out scenes unless you point --data at one)."""
         return sample_batch(n_contexts, toy_problems.held_out_generator(seed), device)
 
-    return scenes3d.make_problem(name, setting, sample_batch=sample_batch, loader=loader, held_out_batch=held_out_batch,
-                                 evaluate=functools.partial(evaluate, held_out_batch=held_out_batch),
-                                 plot=functools.partial(plot, held_out_batch=held_out_batch),
-                                 animate=functools.partial(animate, held_out_batch=held_out_batch))
+    return scenes3d_eval.make_problem(name, setting, sample_batch=sample_batch, loader=loader,
+                                      held_out_batch=held_out_batch,
+                                      evaluate=functools.partial(evaluate, held_out_batch=held_out_batch),
+                                      plot=functools.partial(plot, held_out_batch=held_out_batch),
+                                      animate=functools.partial(animate, held_out_batch=held_out_batch))
 
 
 def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=None, **sample_kwargs):

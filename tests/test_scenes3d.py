@@ -10,7 +10,7 @@ from toy_problems import metrics
 import toy_problems
 import config
 import train
-from toy_problems import scenes3d, scenes3d_eval, scenes3d_world
+from toy_problems import scenes3d, scenes3d_eval, scenes3d_networks, scenes3d_world
 
 TINY = dataclasses.replace(scenes3d.SETTINGS["scenes3d"], ch=8, feat=8, width=16, out_feat=4, n_samples=4,
                            n_importance=4, patch=6, cond_size=8)
@@ -18,7 +18,7 @@ TINY = dataclasses.replace(scenes3d.SETTINGS["scenes3d"], ch=8, feat=8, width=16
 
 def tiny_model(kind="dfm", setting=TINY):
     torch.manual_seed(0)
-    return dfm.make_model(kind, scenes3d.make_denoiser(kind, setting), scenes3d.forward,
+    return dfm.make_model(kind, scenes3d_networks.make_denoiser(kind, setting), scenes3d.forward,
                           obs_loss=lambda p, t: scenes3d.obs_loss(p, t, setting))
 
 
@@ -69,10 +69,10 @@ def test_the_target_view_reaches_points_the_context_sees_only_through_the_front(
         noise = torch.randn_like(views.feats[:, -1:])  # another target
         other = dataclasses.replace(views, feats=torch.cat([views.feats[:, :-1], noise], 1))
         assert not torch.allclose(signal.field(views, back)[1], signal.field(other, back)[1])
-        assert isinstance(signal.field, scenes3d.DenoisingField) and signal.field is model.denoiser.field
+        assert isinstance(signal.field, scenes3d_networks.DenoisingField) and signal.field is model.denoiser.field
         contexts = views.map(lambda v: v[:, :-1])  # the context alone
         context_field = model.denoiser.context_field
-        assert isinstance(context_field, scenes3d.ContextField) and context_field is not signal.field
+        assert isinstance(context_field, scenes3d_networks.ContextField) and context_field is not signal.field
         assert torch.equal(context_field(contexts, back)[1], context_field(other.map(lambda v: v[:, :-1]), back)[1])
 
 
@@ -81,8 +81,8 @@ def test_the_shipped_weights_load_into_the_two_fields_key_for_key():
     for kind in ("dfm", "deterministic"):  # load_state_dict is strict: no key missing, none left over
         path = os.path.join(os.path.dirname(__file__), "..", "notebooks", f"scenes3d-{kind}.pt")
         model, _ = train.load_ema_model(path)
-        assert isinstance(model.denoiser.field, scenes3d.DenoisingField)
-        assert isinstance(model.denoiser.context_field, scenes3d.ContextField)
+        assert isinstance(model.denoiser.field, scenes3d_networks.DenoisingField)
+        assert isinstance(model.denoiser.context_field, scenes3d_networks.ContextField)
 
 
 @pytest.mark.parametrize("kind", ["dfm", "deterministic"])
@@ -111,7 +111,7 @@ def test_the_denoiser_adds_the_conditioning_loss_and_depth_smoothness():
     torch.manual_seed(0)  # the same conditioning patch, without the depth: the smoothness term is what differs
     without = model.denoiser.aux_loss(signal, b["trgt_obs"], b["trgt_params"], b["pixels"], None)
     image = dfm.select_pixels(b["trgt_obs"], b["pixels"]).view(2, 3, TINY.patch, TINY.patch)
-    smooth = scenes3d.edge_aware_smoothness(depth.view(2, 1, TINY.patch, TINY.patch), image)
+    smooth = scenes3d_networks.edge_aware_smoothness(depth.view(2, 1, TINY.patch, TINY.patch), image)
     assert torch.allclose(aux - without, TINY.depth_smooth * smooth)
     model.zero_grad()
     (aux - without).backward()
@@ -120,17 +120,17 @@ def test_the_denoiser_adds_the_conditioning_loss_and_depth_smoothness():
 
 def test_edge_aware_smoothness_is_zero_for_flat_depth_and_forgives_image_edges():
     flat, image = torch.full((1, 1, 4, 4), 2.0), torch.zeros(1, 3, 4, 4)
-    assert scenes3d.edge_aware_smoothness(flat, image) == 0
+    assert scenes3d_networks.edge_aware_smoothness(flat, image) == 0
     step = flat.clone()
     step[..., 2:] = 4.0
     edge = image.clone()
     edge[..., 2:] = 2.0
-    assert scenes3d.edge_aware_smoothness(step, edge) < scenes3d.edge_aware_smoothness(step, image)
+    assert scenes3d_networks.edge_aware_smoothness(step, edge) < scenes3d_networks.edge_aware_smoothness(step, image)
 
 
 def test_there_is_no_oracle_and_it_says_why():
     with pytest.raises(ValueError, match="no oracle"):
-        scenes3d.make_denoiser("oracle")
+        scenes3d_networks.make_denoiser("oracle")
 
 
 def test_lpips_joins_the_loss_on_patches_when_its_weights_load(monkeypatch):

@@ -22,6 +22,7 @@ Scores (evaluate):
 import dataclasses
 import functools
 import math
+import types
 
 import matplotlib
 matplotlib.use("Agg")
@@ -30,7 +31,7 @@ import torch
 
 import dfm
 import toy_problems
-from toy_problems import metrics, scenes3d, scenes3d_world as world_lib
+from toy_problems import metrics, scenes3d, scenes3d_networks, scenes3d_world as world_lib
 
 N_PROBES = 8  # ring cameras for the view energy distance
 NEAR_DEG = 20.0  # "close to the context view"
@@ -270,7 +271,19 @@ def memory_per_sample(name, precision="fp32", seed=0):
 def problem(name):
     """The toy protocol (see toy_problems/__init__.py) for "scenes3d", "scenes3d-64" or "scenes3d-128"."""
     setting = scenes3d.SETTINGS[name]
-    return scenes3d.make_problem(name, setting, sample_batch=functools.partial(scenes3d.sample_batch, setting=setting),
-                                 held_out_batch=functools.partial(scenes3d.held_out_batch, setting=setting),
-                                 exact_posterior=functools.partial(exact_posterior, setting=setting),
-                                 evaluate=evaluate, plot=plot, animate=animate)
+    return make_problem(name, setting, sample_batch=functools.partial(scenes3d.sample_batch, setting=setting),
+                        held_out_batch=functools.partial(scenes3d.held_out_batch, setting=setting),
+                        exact_posterior=functools.partial(exact_posterior, setting=setting),
+                        evaluate=evaluate, plot=plot, animate=animate)
+
+
+def make_problem(name, setting, **data):
+    """The toy protocol (toy_problems/__init__.py) of the 3D model of problem `name` at `setting`: the model's
+    parts, and the data's given as keywords (sample_batch, held_out_batch, evaluate, plot, animate; and
+    exact_posterior for the toy's scenes, loader for posed images on disk). The one place both are built:
+    problem() below and posed_images/problem.make_problem call it."""
+    return types.SimpleNamespace(NAME=name, SETTING=setting, TRAIN_DEFAULTS=scenes3d.TRAIN_DEFAULTS[name],
+                                 forward=scenes3d.forward,
+                                 obs_loss=functools.partial(scenes3d.obs_loss, setting=setting),
+                                 make_denoiser=functools.partial(scenes3d_networks.make_denoiser, setting=setting),
+                                 **data)
