@@ -91,3 +91,27 @@ def test_timestep_weights_give_the_low_noise_steps_unit_variance_targets_and_eve
     ratio = (p[low] - 0.5 / len(p)) * scale[low] ** 2
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
     assert p[0] == p[gp1d.LOW_NOISE_CAP] and p[0] > 10 * p[-1]  # capped, and far more often than at high noise
+
+
+def test_preconditioning_follows_what_the_noisy_target_covers():
+    """In the target window the output is skip * x_t + scale(t) * net; off it (and off the context) x_t says
+    nothing, so the network's output there is scaled to the prior's size at every t, not shrunk with the noise."""
+    torch.manual_seed(0)
+    model = dfm.make_model("dfm", gp1d.make_denoiser("dfm"), gp1d.forward)
+    denoiser = model.denoiser
+    torch.nn.init.zeros_(denoiser.out[-1].weight)
+    torch.nn.init.ones_(denoiser.out[-1].bias)  # the network's output is 1 everywhere
+    ctxt_obs, ctxt_params = torch.zeros(2, 1, gp1d.W), torch.tensor([[[0.0]], [[0.0]]])  # context on 0..7
+    trgt_params = torch.tensor([[16.0], [16.0]])  # target window on 16..23
+    x_t, t = torch.full((2, gp1d.W), 0.3), torch.tensor([0, 900])
+    out = denoiser(ctxt_obs, ctxt_params, x_t, trgt_params, t)  # (2, N)
+    skip, scale = gp1d.precondition(model.abar[t].unsqueeze(1))  # (2, 1) each
+    assert torch.allclose(out[:, :8], torch.zeros(2, 8))  # the context is copied
+    assert torch.allclose(out[:, 16:24], (skip * 0.3 + scale).expand(2, 8))
+    assert torch.allclose(out[:, 8:16], torch.full((2, 8), gp1d.SIGMA_DATA))  # at both noise levels
+    assert torch.allclose(out[:, 24:], torch.full((2, 8), gp1d.SIGMA_DATA))
+    oracle = gp1d.make_denoiser("oracle")  # the oracle's noisy target covers the whole signal
+    oracle.load_state_dict(denoiser.state_dict())
+    oracle.use_schedule(model.abar)
+    x_all = torch.full((2, gp1d.N), 0.3)
+    assert torch.allclose(oracle(ctxt_obs, ctxt_params, x_all, trgt_params, t)[:, 8:], (skip * 0.3 + scale).expand(2, 24))

@@ -181,7 +181,10 @@ class Denoiser(nn.Module):
     For the oracle the 'noisy target' is the noisy signal itself (all N points), so its mask is all ones.
     The output is preconditioned as in Karras et al. 2022 (eq. 7): observed points are copied from
     the context, and elsewhere the network adds a correction of the right size to the best linear
-    guess of the signal from the noisy target, so that it need not learn to copy its input.
+    guess of the signal from the noisy target, so that it need not learn to copy its input. DFM's
+    noisy target covers only the target window; off it x_t says nothing, so there the guess is 0 and
+    the correction has the prior's size at every t. (Scaled as in the window, the network would have
+    to output values a hundred times the signal's at low noise to explain the novel view.)
     """
 
     def __init__(self, oracle=False, channels=32, dilations=(1, 2, 4, 8, 16)):
@@ -218,7 +221,10 @@ class Denoiser(nn.Module):
         temb = self.time(dfm.timestep_embedding(t))  # (B, 128)
         for block in self.blocks:
             h = block(h, temb)
-        skip, scale = precondition(self.abar[t].unsqueeze(1))  # (B, 1) each
+        # Precondition each point by what the noisy target says of it: in the target window, as at noise level
+        # abar_t; elsewhere x_t says nothing, as at abar = 0 (no skip, a residual of the prior's size).
+        abar = torch.where(trgt_mask > 0, self.abar[t].unsqueeze(1), 0.0)  # (B, N)
+        skip, scale = precondition(abar)  # (B, N) each
         guess = torch.where(ctxt_mask > 0, ctxt_values, skip * trgt_values)  # (B, N)
         return guess + (1 - ctxt_mask) * scale * self.out(h)[:, 0]  # (B, N)
 
