@@ -29,7 +29,9 @@ import threading
 import time
 import zipfile
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep, not spin: fast on a busy machine
+# Before torch loads: idle OpenMP threads spin (fastest) if the machine is idle as the command starts, else sleep,
+# because spinning threads take the time that their descheduled siblings need (RESULTS.md, Speed)
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if os.getloadavg()[0] < 0.5 else "PASSIVE")
 
 import torch
 import torch.distributed as dist

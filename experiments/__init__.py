@@ -4,4 +4,6 @@ Each is a command run from the repository root as `python -m experiments.NAME`, 
 first: the place to set what must be set before torch loads."""
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep, not spin: fast on a busy machine
+# Before torch loads: idle OpenMP threads spin (fastest) if the machine is idle as the command starts, else sleep,
+# because spinning threads take the time that their descheduled siblings need (RESULTS.md, Speed)
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if os.getloadavg()[0] < 0.5 else "PASSIVE")

@@ -108,19 +108,24 @@ def diagnose_table(results):
     samplers = [[name, f"{d:.4f}"] for name, d in results["samplers"].items()] + \
         [["floor (exact vs exact)", f"{results['floor']:.4f} ± {results['floor_sd']:.4f}"]]
     kinds = list(results["x0"])
-    x0 = [[t] + [f"{results['x0'][k][t][c]:.4f}" if c != "slope" else f"{results['x0'][k][t][c]:.3f}"
-                 for k in kinds for c in ("rmse", "slope", "residual")] for t in results["x0"][kinds[0]]]
+    columns = [(k, c) for k in kinds for c in ("rmse", "slope", "residual")]
+    best = "best_rmse" in next(iter(results["x0"][kinds[0]].values()))  # the best DFM denoiser's (in_range)
+    columns += [(kinds[0], c) for c in ("best_rmse", "best_slope")] if best else []
+    x0 = [[t] + [f"{results['x0'][k][t][c]:.3f}" if c.endswith("slope") else f"{results['x0'][k][t][c]:.4f}"
+                 for k, c in columns] for t in results["x0"][kinds[0]]]
     spread = [[t] + [f"{results['spread'][k][t]['model']:.4f}" for k in kinds] +
-              [f"{results['spread'][kinds[0]][t]['exact']:.4f}"]
+              [f"{results['spread'][kinds[0]][t][c]:.4f}" for c in ("exact", "best_dfm")[:1 + best]]
               for t in every_tenth(list(results["spread"][kinds[0]]))]
     steps = ", ".join(f"{k} {n} steps" for k, n in results["steps"].items())
     return "\n".join([made_by(results), "", f"Models: {steps}. 1. The sampler driven by the exact denoiser "
                        "(energy distance to exact samples):", "", markdown_table(["sampler", "distance"], samplers), "",
                        "2. x0 estimates against the exact ones, by t (slope < 1: shrunk towards the posterior mean; "
                        "residual: the error that is not shrinkage):", "",
-                       markdown_table(["t"] + [f"{k} {c}" for k in kinds for c in ("rmse", "slope", "residual")], x0),
+                       markdown_table(["t"] + [c.replace("best_", "best DFM ") if c.startswith("best") else f"{k} {c}"
+                                               for k, c in columns], x0),
                        "", "3. The spread of one context's x0 estimates along DDIM, by t:", "",
-                       markdown_table(["t"] + kinds + ["exact denoiser (from DFM's noise)"], spread)])
+                       markdown_table(["t"] + kinds + ["exact denoiser (from DFM's noise)"] +
+                                      ["best DFM denoiser (from DFM's noise)"] * best, spread)])
 
 
 def every_tenth(items):
@@ -169,20 +174,20 @@ def summary_table(results_dir):
             continue  # the 3D row appears once its results file does
         results = load_results(path)
         s = results["settings"]
-        if name in speed["ms_per_step"]:  # a 2D toy: speed.json's one-thread median, timed at the same batch
+        if name in speed["ms_per_step"]:  # a problem --speed timed: its one-thread median, at the same batch
             timed = speed["defaults"][name]["batch_size"]
             if timed != s["batch_size"]:
                 raise ValueError(f"speed.json timed {name} at batch {timed}, its results file trained at batch "
                                  f"{s['batch_size']}: run --speed again")
             ms_per_step = statistics.median(speed["ms_per_step"][name][ONE_THREAD])
-        else:  # the 3D run's own training time
+        else:  # one --speed did not time: its run's own training time
             ms_per_step = results["summary"]["dfm"]["train ms/step"]["mean"]
         rows.append([name, distance, f"{s['steps']} x {s['batch_size']}", f"{ms_per_step * s['steps'] / 60000:.1f}"]
                     + [cell(results["ratios"].get(f"dfm/{other}", {}).get(distance), 2)
                        for other in ("oracle", "deterministic")])
     return "\n".join(["Made by `python -m experiments.bench --readme` from the results files: ratios of DFM's headline "
-                      "distance to the other models', mean ± sd over the seeds; CPU minutes from the 2D toys' "
-                      "one-thread speed (speed.json) and the 3D run's own training time.", "",
+                      "distance to the other models', mean ± sd over the seeds; CPU minutes from the one-thread "
+                      "speed (speed.json).", "",
                       markdown_table(["problem", "headline distance", "default steps x batch",
                                       "CPU minutes, one model, one thread", "DFM / oracle", "DFM / deterministic"],
                                      rows)])

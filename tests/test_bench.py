@@ -219,12 +219,13 @@ def test_speed_times_the_training_command_and_tabulates_medians(monkeypatch, cap
     with open(tmp_path / "speed.json") as f:
         results = json.load(f)
     n = len(bench.SPEED_SETTINGS)
-    first = results["ms_per_step"][bench.ALL[0]]  # repetitions in rotation: 1, then 1 + 4n, then 1 + 8n
-    assert first[bench.SPEED_SETTINGS[0][0]] == [1.0, 1.0 + len(bench.ALL) * n, 1.0 + 2 * len(bench.ALL) * n]
+    problems = len(bench.SPEED_PROBLEMS)
+    first = results["ms_per_step"][bench.ALL[0]]  # repetitions in rotation: 1, then 1 + 5n, then 1 + 10n
+    assert first[bench.SPEED_SETTINGS[0][0]] == [1.0, 1.0 + problems * n, 1.0 + 2 * problems * n]
     steps = toy_problems.load(bench.ALL[0]).TRAIN_DEFAULTS["steps"]
-    median = 1.0 + len(bench.ALL) * n
+    median = 1.0 + problems * n
     row = next(line for line in tables.speed_table(results).splitlines() if line.startswith(f"| {bench.ALL[0]} |"))
-    assert row.startswith(f"| {bench.ALL[0]} | {median:.1f} (1.0-{1.0 + 2 * len(bench.ALL) * n:.1f}) |")
+    assert row.startswith(f"| {bench.ALL[0]} | {median:.1f} (1.0-{1.0 + 2 * problems * n:.1f}) |")
     assert row.endswith(f"{median * steps / 60000:.1f} min |")
     assert "load average (1, 5, 15 min)" in capsys.readouterr().out
 

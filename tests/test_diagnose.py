@@ -49,6 +49,23 @@ def test_the_sample_based_denoiser_weighs_each_sample_by_the_likelihood_of_x_t()
     assert torch.allclose(diagnose.exact_x0(torch.randn(1, 2), same, abar), renders[:, 0])
 
 
+def test_the_best_dfm_denoiser_is_a_render_nearer_the_exact_x0_than_any_exact_sample():
+    from toy_problems import gan_inversion
+    generator = torch.Generator().manual_seed(0)
+    for problem, atol in ((gp1d, 1e-3), (gan_inversion, None)):
+        batch = problem.held_out_batch(3, seed=1)
+        signals = problem.exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], 64, generator)
+        renders = diagnose.target_renders(problem, batch, signals)  # (B, M, *obs_shape)
+        x0 = renders.mean(1)  # the exact x0 at t = T: the mean of the renders
+        best = diagnose.in_range(problem, batch["trgt_params"], renders, signals)(x0)
+        nearest = (renders - x0[:, None]).pow(2).flatten(2).sum(-1).min(1).values  # (B,)
+        assert ((best - x0).pow(2).flatten(1).sum(1) <= nearest + 1e-6).all()
+        if atol:  # gp1d's window reaches every observation: the mean of windows is the window of a signal
+            assert torch.allclose(best, x0, atol=atol)
+        else:  # the mean of the GAN's hidden halves is no generator's output: the best render stays away
+            assert (best - x0).pow(2).flatten(1).sum(1).min() > 1e-3
+
+
 def test_dfms_sampler_driven_by_the_exact_denoiser_draws_the_samples_in_their_proportions():
     n = 400
     renders = torch.tensor([[[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]]]).repeat_interleave(n, 0)
@@ -74,11 +91,12 @@ def test_the_diagnostics_run_on_a_checkpoint_and_print_the_three_checks(problem,
     diagnose.main()
     out = capsys.readouterr().out
     assert "1. the sampler" in out and out.count("2. x0 estimates") == 2 and out.count("3. spread") == 2
-    assert "ddpm" in out
+    assert "ddpm" in out and out.count("best DFM denoiser") >= 2  # check 1's in-range sampler, check 3's spread
     from experiments import tables
     table = tables.table_of(str(tmp_path / "diagnose.json"))  # every number printed, as RESULTS.md shows it
     assert table.startswith("Made by `python -m experiments.diagnose ") and "| ddpm 250 |" in table
     assert "| t | dfm rmse | dfm slope | dfm residual | oracle rmse |" in table and "| 950 |" in table
+    assert "| best DFM rmse | best DFM slope |" in table and "| ddim 50, best DFM denoiser |" in table
 
 
 def test_the_diagnostics_refuse_what_they_cannot_diagnose_in_one_line(tmp_path, monkeypatch, capsys):

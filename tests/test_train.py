@@ -181,6 +181,17 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
 
 
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_is_bf16_on_a_gpu_and_for_3d_on_a_cpu_with_bf16_instructions(has_bf16, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for problem in ("gp1d", "flatland", "motion", "gan_inversion", "scenes3d", "scenes3d-64"):
+        on_cpu = config.resolve(config.Config(problem=problem, device="cpu")).precision
+        assert on_cpu == ("bf16" if has_bf16 and problem.startswith("scenes3d") else "fp32"), problem
+        assert config.bf16_by_default(problem, "cuda:0")
+    assert config.resolve(config.Config(problem="scenes3d", device="cpu", precision="fp32")).precision == "fp32"
+
+
 def test_the_progress_bar_times_training_steps_not_the_evaluation(tmp_path, monkeypatch):
     """On a fake clock, steps take 1 s and the in-training evaluation 1000 s (flatland's takes about 19 s
     at step 1000): the bar's rate, from which it computes its ETA, stays at one step per second."""
