@@ -65,7 +65,8 @@ def test_a_cpu_step_too_big_for_the_machine_is_refused_before_anything(cli, caps
     small = dataclasses.replace(scenes3d.SETTINGS["scenes3d"], ch=8, feat=8, width=16, out_feat=4, n_samples=4,
                                 n_importance=4, patch=6, cond_size=8)
     monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d-64", small)  # the GPU setting's name; a network quick to count
-    count = scenes3d_eval.memory_per_sample("scenes3d-64")
+    precision = config.make_config("scenes3d-64", device="cpu").precision  # bf16 on a CPU with bf16 instructions
+    count = scenes3d_eval.memory_per_sample("scenes3d-64", precision)
     monkeypatch.setattr(config, "available_memory", lambda: 2 * (count["weights"] + 4.5 * count["activations"]))
     code, _, err = cli(train, "--problem", "scenes3d-64", "--device", "cpu", "--out-dir", tmp_path / "run",
                        "--no-progress")  # its default batch, 32, does not fit
