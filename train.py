@@ -30,8 +30,10 @@ import time
 import zipfile
 
 # Before torch loads: idle OpenMP threads spin (fastest) if the machine is idle as the command starts, else sleep,
-# because spinning threads take the time that their descheduled siblings need (RESULTS.md, Speed)
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if os.getloadavg()[0] < 0.5 else "PASSIVE")
+# because spinning threads take the time that their descheduled siblings need (RESULTS.md, Speed); a system
+# without a load average (Windows) gets the safe choice, sleep
+load_average = getattr(os, "getloadavg", lambda: (float("inf"),))()[0]
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if load_average < 0.5 else "PASSIVE")
 
 import torch
 import torch.distributed as dist
