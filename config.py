@@ -123,8 +123,8 @@ def resolve(cfg):
 
 def bf16_by_default(problem, device):
     """bf16 on a GPU; on the CPU for the 3D problems, whose steps are matrix products, when the CPU has bf16
-    instructions (AVX512-BF16 or AMX): 1.9 times faster a step there (RESULTS.md, Speed). The 2D toys stay
-    float32 on the CPU, where their scores were measured."""
+    instructions (AVX512-BF16 or AMX), where it makes a step about twice as fast (RESULTS.md, 3D scenes). The 2D
+    toys stay float32 on the CPU, where their scores were measured."""
     if device.startswith("cuda"):
         return True
     cpu_has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
@@ -219,8 +219,8 @@ HELP = {
                      "gp1d shift or blur, flatland focal or pose, motion nearest (see each forward_with_error)",
     "forward_error_size": "how far off: gp1d shift in points, blur its sd in points; flatland a relative "
                           "error; motion the share of nearest-neighbour interpolation",
-    "precision": "fp32, bf16 (autocast; compositing stays float32) or auto (bf16 on a GPU, and for the 3D problems on a "
-                 "CPU with bf16 instructions; else fp32)",
+    "precision": "fp32, bf16 (autocast; compositing stays float32) or auto (bf16 on a GPU, and for the 3D "
+                 "problems on a CPU with bf16 instructions; else fp32)",
     "eval_every": "steps between quick scores against the exact posterior on the held-out contexts of --seed "
                   "(train.CURVE_EVAL: 16 contexts x 32 samples, 20 DDIM steps), printed and kept in the checkpoint "
                   "as its learning curve (0 = never)",

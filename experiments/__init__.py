@@ -4,8 +4,6 @@ Each is a command run from the repository root as `python -m experiments.NAME`, 
 first: the place to set what must be set before torch loads."""
 import os
 
-# Before torch loads: idle OpenMP threads spin (fastest) if the machine is idle as the command starts, else sleep,
-# because spinning threads take the time that their descheduled siblings need (RESULTS.md, Speed); a system
-# without a load average (Windows) gets the safe choice, sleep
+# Before torch loads, train.py's rule: idle OpenMP threads spin on an idle machine, sleep on a busy one
 load_average = getattr(os, "getloadavg", lambda: (float("inf"),))()[0]
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if load_average < 0.5 else "PASSIVE")

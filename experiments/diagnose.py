@@ -92,6 +92,13 @@ def in_range(problem, trgt_params, renders, signals):
     return project
 
 
+def best_dfm(problem, batch, renders, signals, timesteps):
+    """DFM driven by the best denoiser a DFM network can be: in_range of the exact x0 at the target."""
+    exact = exact_denoiser(problem, batch, renders, signals, "obs")
+    project = in_range(problem, batch["trgt_params"], renders, signals)
+    return dfm.DFM(ExactDenoiser(lambda x_t, abar: project(exact(x_t, abar))), dfm.identity, timesteps)
+
+
 class ExactDenoiser(nn.Module):
     """A denoiser that returns the Bayes-optimal x0 (x0(x_t, abar)): inside dfm.DFM with the identity as
     forward model, DFM's own samplers run on it."""
@@ -142,12 +149,10 @@ def check_sampler(problem, batch, renders, signals, exact_a, n, seed, timesteps)
                               sampler=sampler, generator=seed, obs_shape=renders.shape[2:])
         rows[f"{sampler} {steps}"] = d = dfm.energy_distance(obs.reshape(B, n, -1), exact_a[:, :n]).mean().item()
         print(f"   {sampler} {steps:4d} steps: {d:.4f}")
-    exact = exact_denoiser(problem, many, many_renders, many_signals, "obs")
-    project = in_range(problem, many["trgt_params"], many_renders, many_signals)
-    best_dfm = dfm.DFM(ExactDenoiser(lambda x_t, abar: project(exact(x_t, abar))), dfm.identity, timesteps)
     sampler, steps = IN_RANGE_SAMPLER
-    _, obs = best_dfm.sample(many["ctxt_obs"], many["ctxt_params"], many["trgt_params"], steps=steps,
-                             sampler=sampler, generator=seed, obs_shape=renders.shape[2:])
+    _, obs = best_dfm(problem, many, many_renders, many_signals, timesteps).sample(
+        many["ctxt_obs"], many["ctxt_params"], many["trgt_params"], steps=steps, sampler=sampler, generator=seed,
+        obs_shape=renders.shape[2:])
     rows[f"{sampler} {steps}, best DFM denoiser"] = d = dfm.energy_distance(obs.reshape(B, n, -1),
                                                                             exact_a[:, :n]).mean().item()
     print(f"   {sampler} {steps:4d} steps, driven by the best denoiser a DFM network can be (in_range): {d:.4f}")
@@ -210,9 +215,7 @@ def check_spread(model, problem, batch, renders, signals, n, seed, steps=50):
     ctxt_obs, ctxt_params, trgt_params = many["ctxt_obs"], many["ctxt_params"], many["trgt_params"]
     x0 = exact_denoiser(problem, many, many_renders, many_signals, "signal" if oracle else "obs")
     exact = dfm.DFM(ExactDenoiser(x0), dfm.identity, model.timesteps)
-    if not oracle:
-        project = in_range(problem, trgt_params, many_renders, many_signals)
-        best_dfm = dfm.DFM(ExactDenoiser(lambda x_t, abar: project(x0(x_t, abar))), dfm.identity, model.timesteps)
+    best = None if oracle else best_dfm(problem, many, many_renders, many_signals, model.timesteps)
     see = (lambda s: problem.forward(s, trgt_params)) if oracle else (lambda o: o)
     shape = (B * n, *(signals if oracle else renders).shape[2:])
     x_model = x_exact = x_best = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -229,13 +232,13 @@ def check_spread(model, problem, batch, renders, signals, n, seed, steps=50):
         x_model = dfm.ddim_step(x_model, x0_model, abar[t], abar[t_prev], 0.0, None)
         x_exact = dfm.ddim_step(x_exact, x0_exact, abar[t], abar[t_prev], 0.0, None)
         rows[t] = dict(model=spread(see(x0_model).reshape(B, n, -1)), exact=spread(see(x0_exact).reshape(B, n, -1)))
-        if not oracle:
-            _, x0_best = best_dfm.denoise(ctxt_obs, ctxt_params, x_best, trgt_params, tb)
+        if best is not None:
+            _, x0_best = best.denoise(ctxt_obs, ctxt_params, x_best, trgt_params, tb)
             x_best = dfm.ddim_step(x_best, x0_best, abar[t], abar[t_prev], 0.0, None)
             rows[t]["best_dfm"] = spread(x0_best.reshape(B, n, -1))
         if i % 5 == 0 or t_prev < 0:
             print(f"   {i:<5d} {t:<5d} {rows[t]['model']:.4f}  {rows[t]['exact']:.4f}" +
-                  (f"  {rows[t]['best_dfm']:.4f} (best DFM denoiser)" if not oracle else ""))
+                  (f"  {rows[t]['best_dfm']:.4f} (best DFM denoiser)" if best is not None else ""))
     return rows
 
 
