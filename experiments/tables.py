@@ -128,6 +128,19 @@ def diagnose_table(results):
                                       ["best DFM denoiser (from DFM's noise)"] * best, spread)])
 
 
+def meshes_table(results):
+    """The mesh benchmark (experiments/mesh_bench.py): a row per checkpoint and held-out test set."""
+    columns = results["columns"]
+    header = ["model", "trained on", "steps x batch", "test set", *(c.replace("hidden_tv_floor", "floor")
+                                                                    for c in columns)]
+    rows = [[r["model"], r["trained_on"], f"{r['steps']} x {r['batch_size']}",
+             r["test"] + (f" (unseen: {', '.join(r['unseen'])})" if r["unseen"] else "")]
+            + [f"{r['scores'][c]:.{1 if c in TIMINGS else 4}f}" for c in columns] for r in results["rows"]]
+    scored = ", ".join(sorted({f"{r['test']}: {r['scores']['scenes']} scenes" for r in results["rows"]}))
+    return "\n".join([made_by(results), f"meshes: held-out scenes ({scored}) x {results['n_samples']} samples; "
+                      "hidden_tv against its floor, lower is better", "", markdown_table(header, rows)])
+
+
 def every_tenth(items):
     """items[::10] and the last one."""
     return items[::10] + ([items[-1]] if (len(items) - 1) % 10 else [])
@@ -139,7 +152,8 @@ def any_table(results):
         return study_tables(results)
     if results["problem"].startswith("diagnose-"):
         return diagnose_table(results)
-    return {"speed": speed_table, "memory3d": memory_table}.get(results["problem"], results_table)(results)
+    return {"speed": speed_table, "memory3d": memory_table, "meshes": meshes_table}.get(results["problem"],
+                                                                                        results_table)(results)
 
 
 def study_tables(results):

@@ -3,6 +3,7 @@ refusing to score it on scenes it may have trained on.
 
     python sample.py out/scenes3d-dfm/ckpt.pt --meshes out/meshes-test   # built with meshes.py --split test
 """
+import math
 import os
 import shlex
 
@@ -43,7 +44,8 @@ def held_out_scenes(data, trained_on, size, n_scenes, device="cpu"):
     """The first n_scenes scorable scenes of a built test set `data` (hidden_scores' docstring), each with one context
     view and its far cameras, after check_held_out: (batch, far, posteriors). batch: ctxt_obs (B, 1, 3, S, S) and
     ctxt_params (the context camera at the origin, as in training), trgt_params the far camera straight opposite;
-    far: per scene its three far cameras, c2w (3, 4, 4) and K (3, 3, 3); posteriors: per scene its posterior.pt."""
+    far: per scene its three far cameras and then its two near ones, c2w (5, 4, 4) and K (5, 3, 3), and near_images
+    (2, 3, S, S), the true views of the near cameras; posteriors: per scene its posterior.pt."""
     if not os.path.isdir(data):
         raise FileNotFoundError(f"{data}: no such folder (build a test set with: python -m posed_images.meshes "
                                 f"--out {data} --split test)")
@@ -67,10 +69,16 @@ def held_out_scenes(data, trained_on, size, n_scenes, device="cpu"):
         folder = os.path.join(data, name)
         train = formats.load_scene(os.path.join(folder, "transforms_train.json"), "blender", size)
         test = formats.load_scene(os.path.join(folder, "transforms_test.json"), "blender", size)
+        posterior = torch.load(os.path.join(folder, "posterior.pt"), weights_only=True)
+        if len(test["c2w"]) != len(world_lib.FAR_SIDE_DEG) + 2 or "near_seen" not in posterior:
+            raise ValueError(f"{folder}: no near cameras beside the far ones (built by an older meshes.py); build the "
+                             f"test set again with: python -m posed_images.meshes --out {data}-new --split test")
         contexts.append((train["images"][0], train["K"][0]))
-        # poses relative to the context camera, as in training: c2w (3, 4, 4), K (3, 3, 3), one per far camera
-        far.append({"c2w": torch.linalg.inv(train["c2w"][0]) @ test["c2w"], "K": test["K"]})
-        posteriors.append(torch.load(os.path.join(folder, "posterior.pt"), weights_only=True))
+        # poses relative to the context camera, as in training: c2w (5, 4, 4), K (5, 3, 3), the three far cameras
+        # and then the two near ones, with the near views' true images (2, 3, S, S)
+        far.append({"c2w": torch.linalg.inv(train["c2w"][0]) @ test["c2w"], "K": test["K"],
+                    "near_images": test["images"][len(world_lib.FAR_SIDE_DEG):]})
+        posteriors.append(posterior)
     B = len(names)
     ctxt_K = torch.stack([K for _, K in contexts])  # (B, 3, 3)
     batch = {"ctxt_obs": torch.stack([image for image, _ in contexts])[:, None],  # (B, 1, 3, S, S)
@@ -94,8 +102,10 @@ def hidden_scores(model, data, trained_on, n_scenes=8, n_samples=16, steps=50, s
     is nearest on the hidden pixels. Returns hidden_tv (total variation between each scene's histogram of
     sampled colours and the exact uniform, from straight opposite), hidden_tv_floor (what exact samples
     score), sharp (the fraction of samples within RMSE threshold of one palette render), consistent (how
-    often the 150 and 210 degree views of a sample agree), psnr_context (the render at the context camera)
-    and scenes, how many were scored."""
+    often the 150 and 210 degree views of a sample agree), psnr_context, ssim_context and lpips_context (the
+    render at the context camera against the context image; lpips nan without its weights), psnr_near (renders
+    from the two near cameras against the truth, on the pixels the context determines) and scenes, how many were
+    scored."""
     device, size = next(model.parameters()).device, model.denoiser.setting.world.size
     batch, far, posteriors = held_out_scenes(data, trained_on, size, n_scenes, device)
     B, n, ctxt_K = len(posteriors), n_samples, batch["ctxt_params"]["K"][:, 0]
@@ -111,8 +121,19 @@ def hidden_scores(model, data, trained_on, n_scenes=8, n_samples=16, steps=50, s
     agree = (scores[1]["nearest"] == scores[2]["nearest"]).float()  # (B, n, 1)
     identity = {"c2w": torch.eye(4, device=device).expand(B * n, 4, 4), "K": ctxt_K.repeat_interleave(n, 0)}
     context = scenes3d.forward(signal, identity)  # (B * n, 3, S, S)
+    context_true = batch["ctxt_obs"][:, 0].repeat_interleave(n, 0)
+    lpips_model, _ = metrics.load_lpips()
+    near, n_far = [], len(world_lib.FAR_SIDE_DEG)
+    for j in range(2):  # the near cameras, after the far ones
+        params = {k: torch.stack([f[k][n_far + j] for f in far]).to(device) for k in ("c2w", "K")}  # (B, ...)
+        true_view = torch.stack([f["near_images"][j] for f in far]).to(device).repeat_interleave(n, 0)
+        seen = torch.stack([p["near_seen"][j] for p in posteriors]).to(device).repeat_interleave(n, 0)  # (B * n, S, S)
+        near.append(metrics.psnr(scenes3d.forward(signal, dfm.repeat_batch(params, n)), true_view, seen))
     floor = world_lib.hidden_floor(n, B, torch.Generator().manual_seed(seed), len(meshes.PALETTE))
     return {"hidden_tv": scores[0]["tv"], "hidden_tv_floor": floor, "sharp": scores[0]["sharp"],
             "consistent": (agree * both[:, None]).sum().item() / max(1, n * both.sum().item()),
-            "psnr_context": metrics.psnr(context, batch["ctxt_obs"][:, 0].repeat_interleave(n, 0)).mean().item(),
-            "scenes": B}
+            "psnr_context": metrics.psnr(context, context_true).mean().item(),
+            "ssim_context": metrics.ssim(context, context_true).mean().item(),
+            "lpips_context": (metrics.lpips_distance(lpips_model.to(device), context, context_true).mean().item()
+                              if lpips_model is not None else math.nan),
+            "psnr_near": torch.cat(near).mean().item(), "scenes": B}

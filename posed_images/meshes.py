@@ -19,9 +19,10 @@ is exactly uniform over the palette, on geometry no one here made.
 
 Each scene folder holds transforms_train.json (frame 0 the context, named by "context_frame",
 then random views all around, which show the hidden part and teach its prior),
-transforms_test.json (three cameras on the far side) and posterior.pt: for each far camera the
-pixels where the hidden part is in view and the renders of the true geometry with the hidden
-part in every palette colour. mesh_scores.hidden_scores() classifies a model's samples against those.
+transforms_test.json (three cameras on the far side, then two near the context camera) and
+posterior.pt: for each far camera the pixels where the hidden part is in view and the renders of
+the true geometry with the hidden part in every palette colour, and for each near camera the
+pixels the context determines (background and seen part). mesh_scores.hidden_scores() classifies a model's samples against those.
 
 Train and test sets are held apart by construction: --split train (the default) draws its scenes from
 toy_problems.dataset_generator(seed), --split test from held_out_generator(seed), streams that never seed a
@@ -51,6 +52,7 @@ import render
 import toy_problems
 from posed_images import formats, mesh_files, writers
 from toy_problems import scenes3d_world as world_lib
+from toy_problems.scenes3d_eval import NEAR_DEG  # the near cameras' azimuth either side of the context's
 
 PALETTE = world_lib.WORLD.palette  # the toy's four colours
 LIGHT = F.normalize(torch.tensor(world_lib.WORLD.light), dim=0)  # a fixed light, from above
@@ -186,23 +188,26 @@ def draw_scene(vertices, n_views, generator):
 
 def write_scene(folder, scene, faces, size):
     """One scene of draw_scene (module docstring) in NeRF-synthetic format, with its posterior.pt; returns the
-    palette indices of its seen and hidden part."""
+    palette indices of its seen and hidden part. transforms_test.json holds the three far cameras and then the two
+    near ones (NEAR_DEG either side of the context camera, where the seen part is scored)."""
     vertices, (seen_colour, hidden_colour), views = scene["vertices"], scene["colours"], scene["views"]
     ctxt_c2w, ctxt_K = camera(*views[0], size)
     far = [(views[0][0] + d, 25.0) for d in world_lib.FAR_SIDE_DEG]
-    for split, angles in (("train", views), ("test", far)):
-        c2w, K, images, alpha, renders, hidden = [], [], [], [], [], []
+    near = [(views[0][0] + d, 25.0) for d in (-NEAR_DEG, NEAR_DEG)]
+    for split, angles in (("train", views), ("test", far + near)):
+        c2w, K, images, alpha, renders, parts = [], [], [], [], [], []
         for az, el in angles:
             pose, k = camera(az, el, size)
             shade, part = render_mesh(vertices, faces, pose, k, size, ctxt_c2w, ctxt_K)
-            c2w.append(pose), K.append(k), alpha.append((part >= 0).float())
+            c2w.append(pose), K.append(k), alpha.append((part >= 0).float()), parts.append(part)
             images.append(paint(shade, part, seen_colour, hidden_colour))
             renders.append(torch.stack([paint(shade, part, seen_colour, h) for h in range(len(PALETTE))]))
-            hidden.append(world_lib.erode((part == 1)[None])[0])  # away from the silhouette and the seen part
         writers.write_blender(os.path.join(folder, f"transforms_{split}.json"), torch.stack(c2w), torch.stack(K),
                                 torch.stack(images), torch.stack(alpha), context_frame=0 if split == "train" else None)
+    parts = torch.stack(parts)  # (5, S, S) of the test cameras: far, then near
     with toy_problems.written_whole(os.path.join(folder, "posterior.pt")) as tmp:
-        torch.save({"hidden": torch.stack(hidden), "palette_renders": torch.stack(renders),
+        torch.save({"hidden": world_lib.erode(parts[:len(far)] == 1),  # away from the silhouette and the seen part
+                    "palette_renders": torch.stack(renders[:len(far)]), "near_seen": parts[len(far):] != 1,
                     "seen_colour": seen_colour, "hidden_colour": hidden_colour}, tmp)
     return seen_colour, hidden_colour
 

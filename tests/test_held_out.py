@@ -192,3 +192,36 @@ def test_diagnose3d_checks_a_model_on_a_mesh_test_set_and_refuses_a_training_set
     assert renders.shape[:2] == (2, 4) and keep.shape == (2, 1, TINY.world.size, TINY.world.size)
     scores = diagnose3d.check_sampler_meshes(batch, renders, keep, 1000, 8, 20, torch.Generator().manual_seed(0))
     assert scores["sharp"] == 1 and scores["tv"] < 0.6
+
+
+def test_mesh_bench_scores_every_checkpoint_on_every_test_set_and_refuses_what_it_cannot_score(tmp_path, monkeypatch,
+                                                                                                cli):
+    import config
+    import train
+    from experiments import mesh_bench, tables
+    monkeypatch.setitem(scenes3d.SETTINGS, "scenes3d", TINY)
+    for split in ("train", "test"):
+        meshes.build(str(tmp_path / split), n_scenes=2, n_views=3, size=TINY.world.size, seed=0, meshes=CUBE,
+                     progress=False, split=split)
+    ckpts = []
+    for kind in ("dfm", "deterministic"):
+        train.train(config.make_config("scenes3d", model=kind, steps=1, batch_size=1, eval_every=0,
+                                       data=str(tmp_path / "train"), format="blender", out_dir=str(tmp_path / kind)),
+                    progress=False)
+        ckpts.append(tmp_path / kind / "ckpt.pt")
+    toy = tiny_run_and_mesh_sets(tmp_path / "toy", monkeypatch)  # trained on the toy's scenes, not a mesh set
+    small = ["--n-scenes", "2", "--n-samples", "2", "--steps", "1"]
+    for args, says in (([toy, "--test", tmp_path / "test"], "trained on the toy's scenes"),
+                       ([*ckpts, "--test", tmp_path / "train"], "the model was trained on"),
+                       ([*ckpts, "--test", tmp_path / "nowhere"], "no such folder")):
+        code, out, err = cli(mesh_bench, *args, *small, "--results", tmp_path / "refused")
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "refused").exists()  # refused before any work
+    code, out, err = cli(mesh_bench, *ckpts, "--test", tmp_path / "test", *small, "--results", tmp_path / "res",
+                         "--figures", tmp_path / "fig")
+    assert code == 0, err
+    results = tables.load_results(str(tmp_path / "res" / "meshes.json"))
+    assert [r["model"] for r in results["rows"]] == ["dfm", "deterministic"]
+    assert all(r["trained_on"] == "2 scenes of 1 meshes" and r["unseen"] == [] for r in results["rows"])
+    assert tables.any_table(results) in out and "| dfm | 2 scenes of 1 meshes | 1 x 1 | test |" in out
+    assert sorted(os.listdir(tmp_path / "fig")) == ["meshes-orbit.gif", "meshes-samples.png"]

@@ -108,12 +108,20 @@ def test_a_scene_is_written_as_nerf_synthetic_and_read_back_with_its_exact_poste
     train = formats.load_scene(str(tmp_path / "scene" / "transforms_train.json"), "blender")
     test = formats.load_scene(str(tmp_path / "scene" / "transforms_test.json"), "blender")
     posterior = torch.load(tmp_path / "scene" / "posterior.pt", weights_only=True)
-    assert train["images"].shape == (4, 3, 16, 16) and test["images"].shape == (3, 3, 16, 16)
+    assert train["images"].shape == (4, 3, 16, 16) and test["images"].shape == (5, 3, 16, 16)  # 3 far, 2 near
     for scene in (train, test):  # rendering the mesh from the loaded cameras gives the loaded images
         for c2w, K, image in zip(scene["c2w"], scene["K"], scene["images"]):
             shade, part = meshes.render_mesh(vertices, CUBE_FACES, c2w, K, 16, train["c2w"][0], train["K"][0])
             assert (meshes.paint(shade, part, seen, hidden) - image).abs().max() <= 1 / 127.5 + 1e-4
-    assert torch.allclose(posterior["palette_renders"][:, hidden], test["images"], atol=1 / 127.5 + 1e-4)
+    assert torch.allclose(posterior["palette_renders"][:, hidden], test["images"][:3], atol=1 / 127.5 + 1e-4)
+    # the near views: the context decides every pixel but the hidden part, whose colour only those pixels show
+    keep = posterior["near_seen"]  # (2, S, S)
+    assert keep.shape == (2, 16, 16) and keep.float().mean() > 0.5
+    for h in range(len(meshes.PALETTE)):  # another hidden colour changes the near views on hidden pixels only
+        for j, (c2w, K) in enumerate(zip(test["c2w"][3:], test["K"][3:])):
+            shade, part = meshes.render_mesh(vertices, CUBE_FACES, c2w, K, 16, train["c2w"][0], train["K"][0])
+            other = meshes.paint(shade, part, seen, h)
+            assert (other - test["images"][3 + j])[:, keep[j]].abs().max() <= 1 / 127.5 + 1e-4
     assert posterior["hidden"].shape == (3, 16, 16) and posterior["hidden"][0].sum() > 0
     # scored as the toy's back colours are: the true far view is its own hidden colour, sharply
     scores = world_lib.hidden_colour_scores(test["images"][:1, None], posterior["hidden"][:1, None],
@@ -139,6 +147,12 @@ def test_hidden_scores_run_on_a_built_test_set_and_building_never_overwrites(tmp
     scores = mesh_scores.hidden_scores(tiny_model(), str(tmp_path / "set"), "", n_scenes=2, n_samples=2, steps=2)
     assert scores["scenes"] == 2 and 0 <= scores["hidden_tv"] <= 0.75 and 0 <= scores["hidden_tv_floor"] <= 0.75
     assert 0 <= scores["sharp"] <= 1 and 0 <= scores["consistent"] <= 1 and math.isfinite(scores["psnr_context"])
+    assert math.isfinite(scores["psnr_near"]) and -1 <= scores["ssim_context"] <= 1 and "lpips_context" in scores
+    # a test set written before the near cameras is refused with the command that rebuilds it
+    path = tmp_path / "set" / "scene_000" / "posterior.pt"
+    torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if k != "near_seen"}, path)
+    with pytest.raises(ValueError, match="no near cameras beside the far ones.*--split test"):
+        mesh_scores.hidden_scores(tiny_model(), str(tmp_path / "set"), "", n_scenes=2, n_samples=2, steps=2)
 
 
 def test_the_registry_meshes_are_never_fetched_in_tests_and_read_when_cached(tmp_path):
