@@ -58,9 +58,6 @@ def draw(model, compare, test, trained_on, figures, n_scenes=4, n_samples=5, ste
     """meshes-samples.png: per held-out scene of test, the context, the truth and the model's samples (and the
     comparison model's render) from straight opposite; meshes-orbit.gif: the first scene's samples all around.
     trained_on: the models' training set (check_held_out refuses a test set inside it)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     size = model.denoiser.setting.world.size
     batch, _, posteriors = mesh_scores.held_out_scenes(test, trained_on, size, n_scenes)
     B = len(posteriors)
@@ -71,15 +68,8 @@ def draw(model, compare, test, trained_on, figures, n_scenes=4, n_samples=5, ste
         signals[m.kind] = dfm.sample_signals(m, batch, n, torch.Generator().manual_seed(seed), steps)
         views = scenes3d.forward(signals[m.kind], dfm.repeat_batch(batch["trgt_params"], n)).view(B, n, 3, size, size)
         columns += [(f"{m.kind} {i + 1}" if n > 1 else m.kind, views[:, i]) for i in range(n)]
-    fig, axes = plt.subplots(B, len(columns), figsize=(1.1 * len(columns), 1.2 * B), squeeze=False)
-    for j, (name, images) in enumerate(columns):
-        for i in range(B):
-            axes[i, j].imshow(scenes3d_eval.to_image(images[i]))
-            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
-        axes[0, j].set_title(name, fontsize=7)
-    fig.suptitle("held-out meshes from straight opposite the context: the hidden part's colour is sampled", fontsize=8)
-    fig.tight_layout()
-    toy_problems.save_figure(fig, os.path.join(figures, "meshes-samples.png"))
+    scenes3d_eval.save_grid(columns, "held-out meshes from straight opposite the context: the hidden part's colour "
+                            "is sampled", os.path.join(figures, "meshes-samples.png"))
     cameras = orbit(size)
     panels = [(f"{model.kind} {i + 1}", scenes3d_eval.orbit_frames(signals[model.kind], i, cameras))
               for i in range(min(3, n_samples))]  # scene 0's samples are the first n_samples fields

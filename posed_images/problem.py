@@ -93,9 +93,6 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=
 def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None, held_out_batch=None):
     """For each held-out example: the context, the true target frame, and sampled scenes (and, if given, the
     comparison model's prediction) rendered at the target camera."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
     columns = [("context", batch["ctxt_obs"][:, 0]), ("target frame", batch["trgt_obs"])]
@@ -104,15 +101,7 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, compare=None,
         views = scenes3d.forward(signal, dfm.repeat_batch(batch["trgt_params"], n))
         views = views.view(n_contexts, n, *batch["trgt_obs"].shape[1:])  # (B, n, 3, S, S)
         columns += [(f"{m.kind} {i + 1}" if n > 1 else m.kind, views[:, i]) for i in range(n)]
-    fig, axes = plt.subplots(n_contexts, len(columns), figsize=(1.2 * len(columns), 1.3 * n_contexts), squeeze=False)
-    for j, (name, images) in enumerate(columns):
-        for i in range(n_contexts):
-            axes[i, j].imshow(scenes3d_eval.to_image(images[i]))
-            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
-        axes[0, j].set_title(name, fontsize=7)
-    fig.suptitle("posed images: sampled scenes seen from the target frame's camera", fontsize=8)
-    fig.tight_layout()
-    toy_problems.save_figure(fig, path)
+    scenes3d_eval.save_grid(columns, "posed images: sampled scenes seen from the target frame's camera", path)
 
 
 def arc_cameras(K, depth, n_frames=24, degrees=30.0):

@@ -221,6 +221,20 @@ def orbit_frames(signal, i, orbit):
     return scenes3d.forward(one, orbit)
 
 
+def save_grid(columns, title, path):
+    """A figure of image columns side by side, each a (title, images (B, 3, H, W)), one row per example."""
+    B = len(columns[0][1])
+    fig, axes = plt.subplots(B, len(columns), figsize=(1.15 * len(columns), 1.25 * B + 0.3), squeeze=False)
+    for j, (name, images) in enumerate(columns):
+        for i in range(B):
+            axes[i, j].imshow(to_image(images[i]))
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+        axes[0, j].set_title(name, fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    toy_problems.save_figure(fig, path)
+
+
 def save_gif(panels, path, still=None):
     """A GIF of panels side by side, each a (title, frames (F, 3, H, W)) played in step, after an optional
     still (title, image (3, H, W)) that stays put (a context image)."""
