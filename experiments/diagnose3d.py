@@ -169,20 +169,15 @@ def check_sampler_meshes(batch, renders, keep, timesteps, n, steps, generator):
 
 @torch.no_grad()
 def check_reading_meshes(model, batch, renders, keep, hidden, seen, generator):
-    """2. on a mesh set: one denoising step from the noisy true far view: hidden-colour accuracy against Bayes', and
-    the render's RMSE on the hidden part and on the seen part of that view (how closely the field draws the mesh)."""
+    """2. on a mesh set: one denoising step from the noisy true far view: hidden-colour accuracy against Bayes'."""
     truth = renders[torch.arange(len(hidden)), hidden]  # (B, 3, S, S)
-    # the object's other pixels, where every palette render agrees: the seen part, whose render the context fixes
-    seen_part = ((renders != renders[:, :1]).sum((1, 2)) == 0) & (truth > -1).any(1)  # (B, S, S)
     for t, abar, x_t, x0 in denoised_once(model, batch, batch["trgt_params"], truth, generator,
-                                          "   t     model accuracy  model hidden RMSE  model seen RMSE  seen copies"
-                                          "   Bayes accuracy"):
+                                          "   t     model accuracy  model hidden RMSE  seen copies   Bayes accuracy"):
         s = world_lib.hidden_colour_scores(x0[:, None], keep, renders)
         nearest = s["nearest"][:, 0, 0]  # (B,)
-        seen_rmse = (((x0 - truth) ** 2).mean(1) * seen_part).sum((1, 2)) / seen_part.sum((1, 2)).clamp(min=1)
         bayes = (posterior_weights(x_t, renders, abar.expand(len(x_t))).argmax(1) == hidden).float().mean().item()
         print(f"   {t:<5d} {(nearest == hidden).float().mean().item():14.3f} {s['rmse'].mean().item():18.3f} "
-              f"{seen_rmse.sqrt().mean().item():16.3f} {(nearest == seen).float().mean().item():12.3f} {bayes:16.3f}")
+              f"{(nearest == seen).float().mean().item():12.3f} {bayes:16.3f}")
 
 
 def main():
