@@ -31,6 +31,7 @@ import argparse
 import itertools
 
 import torch
+import torch.nn.functional as F
 
 import dfm
 import toy_problems
@@ -171,6 +172,8 @@ def check_sampler_meshes(batch, renders, keep, timesteps, n, steps, generator):
 def check_reading_meshes(model, batch, renders, keep, hidden, seen, generator):
     """2. on a mesh set: one denoising step from the noisy true far view: hidden-colour accuracy against Bayes'."""
     truth = renders[torch.arange(len(hidden)), hidden]  # (B, 3, S, S)
+    # what the encoder's half-resolution features (Encoder: 2x2 pixels folded into one) can keep of the truth
+    half = F.interpolate(F.avg_pool2d(truth, 2), scale_factor=2, mode="bilinear", align_corners=False)
     for t, abar, x_t, x0 in denoised_once(model, batch, batch["trgt_params"], truth, generator,
                                           "   t     model accuracy  model hidden RMSE  seen copies   Bayes accuracy"):
         s = world_lib.hidden_colour_scores(x0[:, None], keep, renders)
@@ -178,6 +181,9 @@ def check_reading_meshes(model, batch, renders, keep, hidden, seen, generator):
         bayes = (posterior_weights(x_t, renders, abar.expand(len(x_t))).argmax(1) == hidden).float().mean().item()
         print(f"   {t:<5d} {(nearest == hidden).float().mean().item():14.3f} {s['rmse'].mean().item():18.3f} "
               f"{(nearest == seen).float().mean().item():12.3f} {bayes:16.3f}")
+    print(f"the true far view at half resolution, upsampled: hidden RMSE "
+          f"{world_lib.hidden_colour_scores(half[:, None], keep, renders)['rmse'].mean().item():.3f} (the sharp "
+          f"threshold: {world_lib.SHARP_RMSE})")
 
 
 def main():

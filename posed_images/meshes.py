@@ -22,7 +22,8 @@ then random views all around, which show the hidden part and teach its prior),
 transforms_test.json (three cameras on the far side, then two near the context camera) and
 posterior.pt: for each far camera the pixels where the hidden part is in view and the renders of
 the true geometry with the hidden part in every palette colour, and for each near camera the
-pixels the context determines (background and seen part). mesh_scores.hidden_scores() classifies a model's samples against those.
+pixels the context determines (background and seen part). mesh_scores.hidden_scores() classifies a
+model's samples against those.
 
 Train and test sets are held apart by construction: --split train (the default) draws its scenes from
 toy_problems.dataset_generator(seed), --split test from held_out_generator(seed), streams that never seed a
