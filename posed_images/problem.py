@@ -21,10 +21,11 @@ from posed_images.dataset import FORMATS, SceneSet, StepBatches, check_not_held_
 def setting_for(name, format):
     """scenes3d's setting `name` (its image size and networks) for a format's scenes: rays from the format's near
     to its far, rendered depths mapped to [0, 1] over that range, and points encoded relative to its typical
-    depth (the setting's world.cam_dist)."""
+    depth (the setting's world.cam_dist); the encoders' features at full resolution, for thin parts that a
+    half-resolution feature map blurs (RESULTS.md, real meshes)."""
     base, fmt = scenes3d.SETTINGS[name], FORMATS[format]
     return replace(base, world=replace(base.world, cam_dist=fmt.depth), box=None, near_far=(fmt.near, fmt.far),
-                   depth_range=(fmt.near, fmt.far))
+                   depth_range=(fmt.near, fmt.far), full_res=True)
 
 
 def make_problem(name, data, format, frame_window=0, workers=0, progress=True):

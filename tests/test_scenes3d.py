@@ -85,15 +85,26 @@ def test_the_shipped_weights_load_into_the_two_fields_key_for_key():
         assert isinstance(model.denoiser.context_field, scenes3d_networks.ContextField)
 
 
-@pytest.mark.parametrize("kind", ["dfm", "deterministic"])
-def test_one_training_step_reaches_every_weight(kind):
-    model = tiny_model(kind)
-    b = scenes3d.sample_batch(2, torch.Generator().manual_seed(0), setting=TINY)
+@pytest.mark.parametrize("kind,full_res", [("dfm", False), ("deterministic", False), ("dfm", True)])
+def test_one_training_step_reaches_every_weight(kind, full_res):
+    setting = dataclasses.replace(TINY, full_res=full_res)
+    model = tiny_model(kind, setting)
+    b = scenes3d.sample_batch(2, torch.Generator().manual_seed(0), setting=setting)
     loss = model(b)
     loss.backward()
     assert torch.isfinite(loss)
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing
+
+
+def test_full_resolution_features_are_at_the_images_resolution_and_posed_images_use_them():
+    from posed_images import problem as posed
+    x = torch.randn(2, 3, 16, 16)
+    half, full = scenes3d_networks.Encoder(3, 8, 5), scenes3d_networks.Encoder(3, 8, 5, full_res=True)
+    assert half(x, torch.zeros(2, dtype=torch.long)).shape == (2, 5, 8, 8)
+    assert full(x, torch.zeros(2, dtype=torch.long)).shape == (2, 5, 16, 16)
+    assert not scenes3d.SETTINGS["scenes3d"].full_res  # the toy's shipped weights are half resolution
+    assert posed.setting_for("scenes3d", "blender").full_res
 
 
 def test_the_denoiser_adds_the_conditioning_loss_and_depth_smoothness():

@@ -50,6 +50,7 @@ class Setting:
     feat: int = 32  # F, per-pixel feature channels of the encoders
     width: int = 64  # field MLP width
     out_feat: int = 8  # Cf, feature channels the field renders (for the conditioning)
+    full_res: bool = False  # encoders' features at the image's resolution (posed images: thin parts), not half
     n_samples: int = 12  # S, stratified samples per ray
     n_importance: int = 12  # importance samples per ray
     patch: int = 12  # side of the random patch rendered per target and novel view in training

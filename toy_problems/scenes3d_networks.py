@@ -4,8 +4,9 @@ The signal (scenes3d.Signal) is a pixel-aligned radiance field: a 3D point is pr
 view with render.lookup, the features found there are combined with a positional encoding of the
 point in that camera's frame, modulated by the view's timestep (FiLM), pooled over the views that
 see it and decoded into density, colour and a small feature vector. The denoiser (Denoiser):
-- an image encoder (a small UNet, pixel-unshuffled to half resolution) gives per-pixel features
-  of each context view (at t = 0) and of the noisy target (at t);
+- an image encoder (a small UNet at half resolution, unfolded back to the image's with the
+  setting's full_res) gives per-pixel features of each context view (at t = 0) and of the noisy
+  target (at t);
 - before the target is encoded, a *context-only* field is rendered at the target camera (RGB,
   normalised depth, features) and concatenated to it: the 3D-structured conditioning;
 - the denoising field over the contexts and the target is the signal, which scenes3d.forward
@@ -27,13 +28,16 @@ N_FREQS = 4  # positional encoding frequencies
 
 
 class Encoder(nn.Module):
-    """A small timestep-conditioned UNet: (B, C_in, H, W) -> features (B, F, H/2, W/2).
+    """A small timestep-conditioned UNet: (B, C_in, H, W) -> features (B, F, H/2, W/2), or (B, F, H, W) full_res.
 
     2x2 pixels are folded into channels first (pixel unshuffle), which keeps it cheap on a CPU;
-    then one level down and back up, with a skip connection.
+    then one level down and back up, with a skip connection. With full_res the last layer unfolds
+    the features back to the image's resolution and sees the input's own pixels beside them: a
+    half-resolution copy of a thin part's colours is already most of the way to a blur
+    (experiments/diagnose3d.py, the mesh check).
     """
 
-    def __init__(self, c_in, ch, feat):
+    def __init__(self, c_in, ch, feat, full_res=False):
         super().__init__()
         self.time = nn.Sequential(nn.Linear(ch, 2 * ch), nn.SiLU(), nn.Linear(2 * ch, 2 * ch))
         self.inp = nn.Conv2d(4 * c_in, ch, 3, padding=1)
@@ -42,15 +46,17 @@ class Encoder(nn.Module):
         self.mid = dfm.ResBlock2d(2 * ch, 2 * ch)
         self.up = nn.Conv2d(3 * ch, ch, 3, padding=1)
         self.dec = dfm.ResBlock2d(ch, 2 * ch)
-        self.out = nn.Conv2d(ch, feat, 1)
-        self.ch = ch
+        self.out = nn.Conv2d(ch // 4 + c_in, feat, 3, padding=1) if full_res else nn.Conv2d(ch, feat, 1)
+        self.ch, self.full_res = ch, full_res
 
     def forward(self, x, t):  # x (B, C_in, H, W), t (B,)
         temb = self.time(dfm.timestep_embedding(t, self.ch))  # (B, 2ch)
         h1 = self.enc(self.inp(F.pixel_unshuffle(x, 2)), temb)  # (B, ch, H/2, W/2)
         h = self.mid(self.down(h1), temb)  # (B, 2ch, H/4, W/4)
-        h = self.dec(self.up(torch.cat([F.interpolate(h, size=h1.shape[-2:]), h1], dim=1)), temb)
-        return self.out(F.silu(h))  # (B, F, H/2, W/2)
+        h = F.silu(self.dec(self.up(torch.cat([F.interpolate(h, size=h1.shape[-2:]), h1], dim=1)), temb))
+        if self.full_res:
+            h = torch.cat([F.pixel_shuffle(h, 2), x], dim=1)  # (B, ch/4 + C_in, H, W)
+        return self.out(h)  # (B, F, H/2, W/2), or (B, F, H, W) full_res
 
 
 class FieldBlock(nn.Module):
@@ -161,8 +167,8 @@ class Denoiser(nn.Module):
     def __init__(self, setting):
         super().__init__()
         s = self.setting = setting
-        self.ctxt_encoder = Encoder(3, s.ch, s.feat)
-        self.trgt_encoder = Encoder(3 + 3 + 1 + s.out_feat, s.ch, s.feat)  # noisy target + conditioning render
+        self.ctxt_encoder = Encoder(3, s.ch, s.feat, s.full_res)
+        self.trgt_encoder = Encoder(3 + 3 + 1 + s.out_feat, s.ch, s.feat, s.full_res)  # noisy target + conditioning
         self.context_field = ContextField(s.feat, s.width, s.out_feat, s.world.cam_dist)
         self.field = DenoisingField(s.feat, s.width, s.out_feat, s.world.cam_dist)
 
