@@ -200,9 +200,10 @@ def main():
 
 def run(args):
     """Everything that is checked comes first: the checkpoints, the options, the data set and the image."""
-    model, cfg = train.load_ema_model(args.checkpoint, args.device)
+    _, cfg = train.load_checkpoint(args.checkpoint, args.device)  # its config: the options before the weights
     check(args, cfg)
     cfg = with_data(cfg, args.data, args.image is not None or args.meshes is not None)
+    model, _ = train.load_ema_model(args.checkpoint, args.device)
     if args.image is not None:
         from posed_images import problem as posed
         context = posed.image_context(args.image, args.fov, model.denoiser.setting.world.size)

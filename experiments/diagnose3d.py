@@ -181,7 +181,8 @@ def check_reading_meshes(model, batch, renders, keep, hidden, seen, generator):
         bayes = (posterior_weights(x_t, renders, abar.expand(len(x_t))).argmax(1) == hidden).float().mean().item()
         print(f"   {t:<5d} {(nearest == hidden).float().mean().item():14.3f} {s['rmse'].mean().item():18.3f} "
               f"{(nearest == seen).float().mean().item():12.3f} {bayes:16.3f}")
-    print(f"the true far view at half resolution, upsampled: hidden RMSE "
+    print(f"the true far view at half resolution, upsampled (what half-resolution features could keep of it; posed "
+          f"images' encoders are full resolution): hidden RMSE "
           f"{world_lib.hidden_colour_scores(half[:, None], keep, renders)['rmse'].mean().item():.3f} (the sharp "
           f"threshold: {world_lib.SHARP_RMSE})")
 
