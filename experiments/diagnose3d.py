@@ -23,7 +23,9 @@ scene rendered with back colour(s) k,
 
 With --meshes DIR, a model (trained on the toy or on a data set) is checked on a test set of
 posed_images/meshes.py instead, whose hidden part is exact too (posterior.pt: the far view with the
-hidden part in every palette colour): checks 1 and 2, on its scenes' straight-opposite views.
+hidden part in every palette colour): checks 1 and 2 on its scenes' straight-opposite views, and
+3. trajectory: along the model's own DDIM run, its x0 against x0* of the same x_t on the hidden
+   pixels, and how much of the hidden part each paints in one colour (exact samples: all of it).
 
     python -m experiments.diagnose3d out/mesh-dfm/ckpt.pt --meshes out/meshes-test
 """
@@ -147,7 +149,7 @@ def check_supervision(problem, n=512, seed=0):
 
 
 def mesh_truth(data, trained_on, size, n):
-    """A mesh test set's first n scenes for checks 1 and 2: the batch (context, straight-opposite camera), renders
+    """A mesh test set's first n scenes for checks 1 to 3: the batch (context, straight-opposite camera), renders
     (B, K, 3, S, S) of that view with the hidden part in each palette colour, keep (B, 1, S, S) its hidden pixels,
     and the true hidden colour (B,) and seen colour (B,)."""
     batch, _, posteriors = mesh_scores.held_out_scenes(data, trained_on, size, n)
@@ -187,6 +189,43 @@ def check_reading_meshes(model, batch, renders, keep, hidden, seen, generator):
           f"threshold: {world_lib.SHARP_RMSE})")
 
 
+def one_colour_share(obs, keep, renders):
+    """How much of each hidden part is painted in one colour: the share of its pixels whose nearest palette render
+    (pixel by pixel) is the part's most common one, 1 for a committed sample. obs (B, 3, S, S), keep (B, 1, S, S),
+    renders (B, K, 3, S, S) -> (B,)."""
+    nearest = ((obs[:, None] - renders) ** 2).sum(2).argmin(1)  # (B, S, S)
+    counts = (F.one_hot(nearest, renders.shape[1]).float() * keep[:, 0, ..., None]).sum((1, 2))  # (B, K)
+    return counts.max(1).values / counts.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def check_trajectory_meshes(model, batch, renders, keep, n, steps, seed):
+    """3. on a mesh set: along the model's own DDIM trajectory, its x0 against the exact x0* of the same x_t on the
+    hidden pixels, how sure x0* is of one colour there, and how much of the hidden part each paints in one colour."""
+    many = {k: dfm.repeat_batch(batch[k], n) for k in ("ctxt_obs", "ctxt_params", "trgt_params")}
+    exact, hidden = renders.repeat_interleave(n, 0), keep.repeat_interleave(n, 0)  # one row per sample
+    x = torch.randn(exact[:, 0].shape, generator=torch.Generator().manual_seed(seed))  # (B * n, 3, S, S) x_T
+    abar = torch.cat([model.abar, model.abar.new_ones(1)])
+    ts = torch.linspace(model.timesteps - 1, 0, steps).round().long().tolist()
+    print(f"3. along the model's own DDIM trajectory ({steps} steps, {len(renders)} scenes x {n} samples), on the "
+          f"hidden pixels: the model's x0 against the exact x0* of the same x_t (RMSE), how sure x0* is of one colour "
+          f"(its largest posterior weight), and the share of the hidden part painted in one colour (exact: 1)")
+    print("   step  t     x0 vs x0*   x0* sureness   one colour (model x0)")
+    rms = lambda a, b: ((((a - b) ** 2).mean(1, keepdim=True) * hidden).sum((1, 2, 3)) / hidden.sum((1, 2, 3))).sqrt()
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1])):
+        _, x0 = model.denoise(many["ctxt_obs"], many["ctxt_params"], x, many["trgt_params"],
+                              torch.full((len(x),), t, dtype=torch.long))
+        x0_exact = exact_x0(x, exact, abar[t].expand(len(x)))
+        if i % 5 == 0 or t_prev < 0:
+            sure = posterior_weights(x, exact, abar[t].expand(len(x))).max(1).values
+            print(f"   {i:<5d} {t:<5d} {rms(x0, x0_exact).mean().item():9.3f} {sure.mean().item():14.3f} "
+                  f"{one_colour_share(x0, hidden, exact).mean().item():22.3f}")
+        x = dfm.ddim_step(x, x0, abar[t], abar[t_prev], 0.0, None)
+    scores = world_lib.hidden_colour_scores(x.view(len(renders), n, *x.shape[1:]), keep, renders)
+    print(f"   the samples: hidden RMSE to the nearest one-colour render {scores['rmse'].mean().item():.3f} (sharp "
+          f"below {world_lib.SHARP_RMSE}), sharp {scores['sharp']:.3f}, hidden_tv {scores['tv']:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(prog="python -m experiments.diagnose3d", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,7 +236,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="held-out contexts and noise (default 0)")
     parser.add_argument("--meshes", metavar="DIR", help="check on this test set of posed_images/meshes.py (built "
                         "with --split test, never the model's training set) instead of the toy's scenes: checks 1 "
-                        "and 2, --n-contexts of its scenes (default: the toy's scenes, all four checks)")
+                        "to 3 of the mesh set, --n-contexts of its scenes (default: the toy's scenes, all four checks)")
     args = parser.parse_args()
     with toy_problems.one_line_exit():
         for name in ("n_contexts", "n_samples", "steps"):
@@ -223,6 +262,7 @@ def main():
         check_sampler_meshes(batch, renders, keep, model.timesteps, args.n_samples, args.steps,
                              torch.Generator().manual_seed(args.seed))
         check_reading_meshes(model, batch, renders, keep, hidden, seen, torch.Generator().manual_seed(args.seed))
+        check_trajectory_meshes(model, batch, renders, keep, args.n_samples, args.steps, args.seed)
 
 
 def run(model, cfg, step, args):

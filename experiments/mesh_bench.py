@@ -7,13 +7,14 @@
 Every checkpoint is scored on every test set by mesh_scores.hidden_scores, which refuses a set that is not a test
 set or that the model trained on, so no score here is of a scene the model saw. A test set of meshes that the
 training set left out (built with --meshes) measures a shape the model never saw. The rows go to
-<results>/meshes.json, whose table RESULTS.md shows (experiments/tables.py, bench.py --readme). The first DFM
-checkpoint also draws, on the first test set, several samples per held-out scene seen from straight opposite the
-context (meshes-samples.png, beside the deterministic model's render if one is given) and a camera going around
-one scene's samples (meshes-orbit.gif).
+<results>/meshes.json (or --name's file), whose table RESULTS.md shows (experiments/tables.py, bench.py
+--readme). The first DFM checkpoint also draws, on the first test set, several samples per held-out scene seen
+from straight opposite the context (meshes-samples.png, beside the deterministic model's render if one is given)
+and a camera going around one scene's samples (meshes-orbit.gif).
 """
 import argparse
 import os
+import re
 import shlex
 import sys
 
@@ -89,14 +90,18 @@ def main():
     parser.add_argument("--n-samples", type=int, default=8, help="samples per scene (default 8)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
-    parser.add_argument("--results", default=os.path.join("out", "bench", "results"), help="folder for meshes.json "
+    parser.add_argument("--results", default=os.path.join("out", "bench", "results"), help="folder for the results file "
                         "(default: out/bench/results)")
+    parser.add_argument("--name", default="meshes", help="the results file's name, <results>/NAME.json, whose "
+                        "table RESULTS.md's block 'results NAME' shows (default: meshes)")
     parser.add_argument("--figures", help="folder for the figure and the GIF (default: none drawn)")
     args = parser.parse_args()
     with toy_problems.one_line_exit():
         for name in ("n_scenes", "n_samples", "steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        if not re.fullmatch(r"[\w-]+", args.name):
+            raise ValueError(f"--name must be letters, digits, _ or - (a results block's name), got {args.name!r}")
         trained_on = {}
         for path in args.checkpoints:  # every checkpoint and test set checked before any work
             _, cfg = train.load_checkpoint(path)  # a one-line error for a missing or damaged file
@@ -118,8 +123,8 @@ def main():
                                                                        *sys.argv[1:]]),
                            "machine": tables.machine(), "n_samples": args.n_samples, "columns": COLUMNS,
                            "rows": rows},
-                          os.path.join(args.results, "meshes.json"))
-        print(tables.any_table(tables.load_results(os.path.join(args.results, "meshes.json"))))
+                          os.path.join(args.results, f"{args.name}.json"))
+        print(tables.any_table(tables.load_results(os.path.join(args.results, f"{args.name}.json"))))
         if args.figures:
             models = {}
             for path in args.checkpoints:

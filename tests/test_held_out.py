@@ -183,8 +183,9 @@ def test_diagnose3d_checks_a_model_on_a_mesh_test_set_and_refuses_a_training_set
     from experiments import diagnose3d
     ckpt = tiny_run_and_mesh_sets(tmp_path, monkeypatch)
     code, out, err = cli(diagnose3d, ckpt, "--meshes", tmp_path / "test", "--n-samples", "4", "--steps", "2")
-    assert code == 0 and "1. sampler" in out and "2. reading" in out, err
-    assert out.count("\n   ") == 1 + len(diagnose3d.T_READ)  # the reading table: a header and a row per t
+    assert code == 0 and "1. sampler" in out and "2. reading" in out and "3. along" in out, err
+    # the reading table: a header and a row per t; the trajectory's: a header, the first and last steps, the samples
+    assert out.count("\n   ") == 1 + len(diagnose3d.T_READ) + 4
     code, out, err = cli(diagnose3d, ckpt, "--meshes", tmp_path / "train")
     assert code == 2 and out == "" and err.count("\n") == 1 and "a training set" in err, err
     # the exact denoiser's samples commit (every one sharp) and differ (not all one colour: tv 0.75)
@@ -192,6 +193,14 @@ def test_diagnose3d_checks_a_model_on_a_mesh_test_set_and_refuses_a_training_set
     assert renders.shape[:2] == (2, 4) and keep.shape == (2, 1, TINY.world.size, TINY.world.size)
     scores = diagnose3d.check_sampler_meshes(batch, renders, keep, 1000, 8, 20, torch.Generator().manual_seed(0))
     assert scores["sharp"] == 1 and scores["tv"] < 0.6
+    # one colour share: a render in one palette colour is all one colour; half in another colour is half
+    assert torch.allclose(diagnose3d.one_colour_share(renders[:, 1], keep, renders), torch.ones(2))
+    rows = keep[:, 0].float().cumsum(-2).cumsum(-1)  # (B, S, S): split each hidden part by a diagonal line
+    first = (keep[:, 0] & (rows <= rows.amax((1, 2), keepdim=True) / 4))[:, None]  # (B, 1, S, S) part of it
+    mixed = torch.where(first, renders[:, 2], renders[:, 3])
+    share = diagnose3d.one_colour_share(mixed, keep, renders)
+    n_first, n_all = first.sum((1, 2, 3)).float(), keep.sum((1, 2, 3)).float()
+    assert torch.allclose(share, torch.maximum(n_first, n_all - n_first) / n_all) and (share < 1).all()
 
 
 def test_mesh_bench_scores_every_checkpoint_on_every_test_set_and_refuses_what_it_cannot_score(tmp_path, monkeypatch,
@@ -213,7 +222,8 @@ def test_mesh_bench_scores_every_checkpoint_on_every_test_set_and_refuses_what_i
     small = ["--n-scenes", "2", "--n-samples", "2", "--steps", "1"]
     for args, says in (([toy, "--test", tmp_path / "test"], "trained on the toy's scenes"),
                        ([*ckpts, "--test", tmp_path / "train"], "the model was trained on"),
-                       ([*ckpts, "--test", tmp_path / "nowhere"], "no such folder")):
+                       ([*ckpts, "--test", tmp_path / "nowhere"], "no such folder"),
+                       ([*ckpts, "--test", tmp_path / "test", "--name", "../x"], "--name must be")):
         code, out, err = cli(mesh_bench, *args, *small, "--results", tmp_path / "refused")
         assert code == 2 and err.count("\n") == 1 and says in err, err
     assert not (tmp_path / "refused").exists()  # refused before any work
@@ -225,3 +235,7 @@ def test_mesh_bench_scores_every_checkpoint_on_every_test_set_and_refuses_what_i
     assert all(r["trained_on"] == "2 scenes of 1 meshes" and r["unseen"] == [] for r in results["rows"])
     assert tables.any_table(results) in out and "| dfm | 2 scenes of 1 meshes | 1 x 1 | test |" in out
     assert sorted(os.listdir(tmp_path / "fig")) == ["meshes-orbit.gif", "meshes-samples.png"]
+    code, out, err = cli(mesh_bench, ckpts[0], "--test", tmp_path / "test", *small, "--results", tmp_path / "res",
+                         "--name", "meshes-sweep")
+    assert code == 0 and sorted(os.listdir(tmp_path / "res")) == ["meshes-sweep.json", "meshes.json"], err
+    assert tables.load_results(str(tmp_path / "res" / "meshes.json")) == results  # the other file left as it was
