@@ -1,4 +1,4 @@
-"""Why does (or doesn't) the 3D model sample the hidden half's posterior? Four numbers to check.
+"""Why does (or doesn't) the 3D model sample the hidden half's posterior? Five checks.
 
     python -m experiments.diagnose3d out/bench/scenes3d-dfm-seed0/ckpt.pt   # a few minutes on a 2-core CPU
     python -m experiments.diagnose3d notebooks/scenes3d-dfm.pt --n-contexts 8 --n-samples 16
@@ -20,6 +20,7 @@ scene rendered with back colour(s) k,
    often a sample's back copies its front colour (exact: 1 / palette size).
 4. supervision: the share of training patches (target and novel view) that hold back-half
    pixels, from the problem's own sample_batch.
+5. trajectory (one sphere): check 3 of the mesh set below, on the sphere's back half.
 
 With --meshes DIR, a model (trained on the toy or on a data set) is checked on a test set of
 posed_images/meshes.py instead, whose hidden part is exact too (posterior.pt: the far view with the
@@ -199,15 +200,17 @@ def one_colour_share(obs, keep, renders):
 
 
 @torch.no_grad()
-def check_trajectory_meshes(model, batch, renders, keep, n, steps, seed):
-    """3. on a mesh set: along the model's own DDIM trajectory, its x0 against the exact x0* of the same x_t on the
-    hidden pixels, how sure x0* is of one colour there, and how much of the hidden part each paints in one colour."""
+def check_trajectory(model, batch, renders, keep, n, steps, seed, number=3):
+    """Check `number` (3 on a mesh set, 5 on the toy's sphere): along the model's own DDIM trajectory, its x0 against
+    the exact x0* of the same x_t on the hidden pixels (keep (B, 1, S, S); renders (B, K, 3, S, S), the view in
+    each palette colour), how sure x0* is of one colour there, and how much of the hidden part each paints in one
+    colour."""
     many = {k: dfm.repeat_batch(batch[k], n) for k in ("ctxt_obs", "ctxt_params", "trgt_params")}
     exact, hidden = renders.repeat_interleave(n, 0), keep.repeat_interleave(n, 0)  # one row per sample
     x = torch.randn(exact[:, 0].shape, generator=torch.Generator().manual_seed(seed))  # (B * n, 3, S, S) x_T
     abar = torch.cat([model.abar, model.abar.new_ones(1)])
     ts = torch.linspace(model.timesteps - 1, 0, steps).round().long().tolist()
-    print(f"3. along the model's own DDIM trajectory ({steps} steps, {len(renders)} scenes x {n} samples), on the "
+    print(f"{number}. along the model's own DDIM trajectory ({steps} steps, {len(renders)} scenes x {n} samples), on the "
           f"hidden pixels: the model's x0 against the exact x0* of the same x_t (RMSE), how sure x0* is of one colour "
           f"(its largest posterior weight), and the share of the hidden part painted in one colour (exact: 1)")
     print("   step  t     x0 vs x0*   x0* sureness   one colour (model x0)")
@@ -236,7 +239,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="held-out contexts and noise (default 0)")
     parser.add_argument("--meshes", metavar="DIR", help="check on this test set of posed_images/meshes.py (built "
                         "with --split test, never the model's training set) instead of the toy's scenes: checks 1 "
-                        "to 3 of the mesh set, --n-contexts of its scenes (default: the toy's scenes, all four checks)")
+                        "to 3 of the mesh set, --n-contexts of its scenes (default: the toy's scenes, all five checks)")
     args = parser.parse_args()
     with toy_problems.one_line_exit():
         for name in ("n_contexts", "n_samples", "steps"):
@@ -262,11 +265,11 @@ def main():
         check_sampler_meshes(batch, renders, keep, model.timesteps, args.n_samples, args.steps,
                              torch.Generator().manual_seed(args.seed))
         check_reading_meshes(model, batch, renders, keep, hidden, seen, torch.Generator().manual_seed(args.seed))
-        check_trajectory_meshes(model, batch, renders, keep, args.n_samples, args.steps, args.seed)
+        check_trajectory(model, batch, renders, keep, args.n_samples, args.steps, args.seed)
 
 
 def run(model, cfg, step, args):
-    """The four checks, on the held-out contexts of args.seed."""
+    """The five checks, on the held-out contexts of args.seed."""
     model.eval()
     problem = toy_problems.load(cfg.problem)
     setting = model.denoiser.setting
@@ -282,6 +285,11 @@ def run(model, cfg, step, args):
                   torch.Generator().manual_seed(args.seed))
     check_diversity(model, batch, far, world, args.n_samples, args.steps, args.seed)
     check_supervision(problem, seed=args.seed)
+    if world.n_spheres == 1:  # one hidden part, one colour (two spheres may rightly paint two)
+        renders, _ = palette_renders(batch["scenes"], far, world)
+        keep = back_pixels(batch["scenes"], far, world)[:, None]  # (B, 1, S, S)
+        check_trajectory(model, {**batch, "trgt_params": far}, renders, keep, args.n_samples, args.steps, args.seed,
+                         number=5)
 
 
 if __name__ == "__main__":

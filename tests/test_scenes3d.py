@@ -268,7 +268,8 @@ def test_diagnose3d_checks_the_sampler_against_the_exact_denoiser_and_prints_eve
                                      "--n-samples", "4", "--steps", "2"])
     diagnose3d.main()
     out = capsys.readouterr().out
-    assert all(f"{k}. " in out for k in range(1, 5)) and out.count("\n   ") == 1 + len(diagnose3d.T_READ)
+    # the reading table: a header and a row per t; the trajectory's: a header, the first and last steps, the samples
+    assert all(f"{k}. " in out for k in range(1, 6)) and out.count("\n   ") == 1 + len(diagnose3d.T_READ) + 4
     # the exact denoiser's samples commit (every one sharp) and differ (not all one colour: tv 0.75)
     b = scenes3d.held_out_batch(4)
     far = scenes3d_eval.cameras_at(180.0, 4, TINY, "cpu")
