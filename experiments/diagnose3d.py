@@ -210,11 +210,14 @@ def check_trajectory(model, batch, renders, keep, n, steps, seed, number=3):
     x = torch.randn(exact[:, 0].shape, generator=torch.Generator().manual_seed(seed))  # (B * n, 3, S, S) x_T
     abar = torch.cat([model.abar, model.abar.new_ones(1)])
     ts = torch.linspace(model.timesteps - 1, 0, steps).round().long().tolist()
-    print(f"{number}. along the model's own DDIM trajectory ({steps} steps, {len(renders)} scenes x {n} samples), on the "
-          f"hidden pixels: the model's x0 against the exact x0* of the same x_t (RMSE), how sure x0* is of one colour "
-          f"(its largest posterior weight), and the share of the hidden part painted in one colour (exact: 1)")
+    print(f"{number}. along the model's own DDIM trajectory ({steps} steps, {len(renders)} scenes x {n} samples), "
+          f"on the hidden pixels: the model's x0 against the exact x0* of the same x_t (RMSE), how sure x0* is of one "
+          f"colour (its largest posterior weight), and the share of the hidden part painted in one colour (exact: 1)")
     print("   step  t     x0 vs x0*   x0* sureness   one colour (model x0)")
-    rms = lambda a, b: ((((a - b) ** 2).mean(1, keepdim=True) * hidden).sum((1, 2, 3)) / hidden.sum((1, 2, 3))).sqrt()
+
+    def rms(a, b):  # (B * n, 3, S, S) each -> (B * n,), the RMS difference on the hidden pixels
+        return ((((a - b) ** 2).mean(1, keepdim=True) * hidden).sum((1, 2, 3)) / hidden.sum((1, 2, 3))).sqrt()
+
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1])):
         _, x0 = model.denoise(many["ctxt_obs"], many["ctxt_params"], x, many["trgt_params"],
                               torch.full((len(x),), t, dtype=torch.long))
