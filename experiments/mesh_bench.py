@@ -90,8 +90,8 @@ def main():
     parser.add_argument("--n-samples", type=int, default=8, help="samples per scene (default 8)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
-    parser.add_argument("--results", default=os.path.join("out", "bench", "results"), help="folder for the results file "
-                        "(default: out/bench/results)")
+    parser.add_argument("--results", default=os.path.join("out", "bench", "results"), help="folder for the results "
+                        "file (default: out/bench/results)")
     parser.add_argument("--name", default="meshes", help="the results file's name, <results>/NAME.json, whose "
                         "table RESULTS.md's block 'results NAME' shows (default: meshes)")
     parser.add_argument("--figures", help="folder for the figure and the GIF (default: none drawn)")
@@ -119,12 +119,13 @@ def main():
         rows = [score(path, test, args.n_scenes, args.n_samples, args.steps, args.seed)
                 for path in args.checkpoints for test in args.test]
         os.makedirs(args.results, exist_ok=True)
+        results = os.path.join(args.results, f"{args.name}.json")
         tables.write_json({"problem": "meshes", "command": shlex.join(["python", "-m", "experiments.mesh_bench",
                                                                        *sys.argv[1:]]),
                            "machine": tables.machine(), "n_samples": args.n_samples, "columns": COLUMNS,
                            "rows": rows},
-                          os.path.join(args.results, f"{args.name}.json"))
-        print(tables.any_table(tables.load_results(os.path.join(args.results, f"{args.name}.json"))))
+                          results)
+        print(tables.any_table(tables.load_results(results)))
         if args.figures:
             models = {}
             for path in args.checkpoints:
