@@ -28,10 +28,12 @@ class Config:
     batch_size: int = 32  # examples per step, over all processes
     lr: float = 1e-3  # Adam learning rate after warm-up
     warmup: int = 200  # steps of linear learning-rate warm-up
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at the last step)
     grad_clip: float = 1.0  # clip the gradient norm at this value
     ema_decay: float = 0.995  # EMA of the weights, used for sampling
     timesteps: int = 1000  # diffusion steps T
     ctxt_drop_prob: float = 0.0  # probability of hiding the context, for classifier-free guidance
+    novel_weight: float = 1.0  # weight of DFM's novel-view loss term
     contexts: int = 0  # context views per example drawn from 1..contexts each step (0 = the problem's own rule)
     signals: int = 0  # train on a fixed data set of this many signals (0 = a new signal for every example)
     views: int = 0  # observations of each signal in that data set (0 with signals = 0)
@@ -61,10 +63,12 @@ class Config:
              "an integer >= 1" + (f" divisible by the number of processes ({world})" if world > 1 else "")),
             ("lr", self.lr > 0, "a number > 0"),
             ("warmup", self.warmup >= 0, "an integer >= 0 (0 = no warm-up)"),
+            ("lr_schedule", self.lr_schedule in ("constant", "cosine"), "constant or cosine"),
             ("grad_clip", self.grad_clip > 0, "a number > 0"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("timesteps", self.timesteps >= 1, "an integer >= 1"),
             ("ctxt_drop_prob", 0 <= self.ctxt_drop_prob < 1, "in [0, 1)"),
+            ("novel_weight", self.novel_weight >= 0, "a number >= 0 (0 = no novel-view term)"),
             ("precision", self.precision in ("fp32", "bf16", "auto"), "fp32, bf16 or auto"),
             ("contexts", self.contexts == 0 or (self.contexts >= 1 and self.signals == 0 and
                                                "n_ctxt" in inspect.signature(problem.sample_batch).parameters),
@@ -205,10 +209,14 @@ HELP = {
     "batch_size": "examples per step, over all processes (must divide by their number)",
     "lr": "Adam learning rate after warm-up, > 0",
     "warmup": "steps of linear learning-rate warm-up (0 = none)",
+    "lr_schedule": "the learning rate after warm-up: constant, or cosine (--lr times (1 + cos(pi step / --steps)) / 2, "
+                   "0 at the last step; --steps cannot change on --resume)",
     "grad_clip": "clip the gradient's global L2 norm at this value, > 0",
     "ema_decay": "decay per step of the EMA of the weights that sampling uses, in [0, 1)",
     "timesteps": "diffusion steps T of the noise schedule",
     "ctxt_drop_prob": "probability of hiding an example's context, in [0, 1); > 0 allows sample.py --guidance",
+    "novel_weight": "weight of the novel-view term of the DFM and deterministic losses, >= 0 (0 = the target "
+                    "view only); any weight > 0 leaves the optimum where it was",
     "contexts": "the most context views per example: each step draws how many from 1..N (gp1d, flatland); "
                 "0 = the problem's own rule (gp1d 1..4, the others 1)",
     "signals": "train on a fixed data set of this many signals drawn once from the prior (gp1d, flatland); "

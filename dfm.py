@@ -8,7 +8,7 @@ model turns that prediction into the denoised observation:
     x_t   = sqrt(abar_t) * O_trgt + sqrt(1 - abar_t) * eps              (noise the target)
     S_hat = denoiser(O_ctxt, params_ctxt, x_t, params_trgt, t)           (predict the signal)
     O_hat = forward_model(S_hat, params_trgt)                            (the x0 estimate)
-    loss  = |O_hat - O_trgt|^2  (+ the same on a novel view of S_hat)
+    loss  = |O_hat - O_trgt|^2  (+ novel_weight x the same on a novel view of S_hat)
 
 Every denoised observation is therefore the rendering of one signal, and the last S_hat of
 a sampling run is a sample of p(S | O_ctxt).
@@ -61,6 +61,10 @@ class DFM(nn.Module):
                                              the 3D problem adds LPIPS)
     ctxt_drop_prob: the probability of hiding the context during training, which teaches the
         unconditional model that classifier-free guidance needs (0.1 in the authors' code).
+    novel_weight: the weight of the novel-view term (1 in the paper). Where the two views overlap both terms
+        ask for the same values, and elsewhere only the novel term speaks, so a weight > 0 leaves the optimum
+        where it was; a smaller one lets the target's term, the one the sampler uses, weigh more in the
+        gradient (gp1d, RESULTS.md).
 
     Shapes: ctxt_obs (B, Nc, *obs_shape), ctxt_params (B, Nc, *param_shape), trgt_obs (B, *obs_shape),
     trgt_params (B, *param_shape), t (B,); params are a tensor or a dict of tensors (cameras).
@@ -85,16 +89,19 @@ class DFM(nn.Module):
                    "pixels", "novel_pixels")
 
     def __init__(self, denoiser, forward_model, timesteps=1000, schedule_kind="cosine", ctxt_drop_prob=0.0,
-                 obs_loss=None):
+                 obs_loss=None, novel_weight=1.0):
         super().__init__()
         if not isinstance(timesteps, int) or timesteps < 1:
             raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
         if not 0 <= ctxt_drop_prob < 1:
             raise ValueError(f"ctxt_drop_prob must be in [0, 1), got {ctxt_drop_prob}")
+        if not novel_weight >= 0:
+            raise ValueError(f"novel_weight must be >= 0, got {novel_weight}")
         self.denoiser = denoiser
         self.forward_model = forward_model
         self.timesteps = timesteps
         self.ctxt_drop_prob = ctxt_drop_prob
+        self.novel_weight = novel_weight
         self.obs_loss = obs_loss or F.mse_loss
         for name, value in schedule(timesteps, schedule_kind).items():
             self.register_buffer(name, value, persistent=False)
@@ -130,9 +137,9 @@ class DFM(nn.Module):
         S_hat = self.denoiser(ctxt_obs, ctxt_params, x_t, trgt_params, t)  # predict the signal
         O_hat, extras = self.render(S_hat, trgt_params, trgt_obs, pixels)  # O_hat = forward_model(S_hat)
         loss = self.obs_loss(O_hat, select_pixels(trgt_obs, pixels))  # loss = |O_hat - O_trgt|^2
-        if novel_obs is not None:  # + the same on a novel view: S_hat must also explain a view it was not given
-            loss = loss + self.obs_loss(self.render(S_hat, novel_params, novel_obs, novel_pixels)[0],
-                                        select_pixels(novel_obs, novel_pixels))
+        if novel_obs is not None and self.novel_weight > 0:  # + the same on a novel view: S_hat must also explain
+            loss = loss + self.novel_weight * self.obs_loss(  # a view it was not given
+                self.render(S_hat, novel_params, novel_obs, novel_pixels)[0], select_pixels(novel_obs, novel_pixels))
         if hasattr(self.denoiser, "aux_loss"):  # hook: the denoiser's own terms
             loss = loss + self.denoiser.aux_loss(S_hat, trgt_obs, trgt_params, pixels, extras)
         return loss

@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import glob
+import math
 import os
 import signal
 import sys
@@ -64,7 +65,16 @@ def build_model(cfg):
     forward_model = (problem.forward if cfg.forward_error == "none" else
                      problem.forward_with_error(cfg.forward_error, cfg.forward_error_size))
     return dfm.make_model(cfg.model, problem.make_denoiser(cfg.model), forward_model, cfg.timesteps,
-                          ctxt_drop_prob=cfg.ctxt_drop_prob, obs_loss=getattr(problem, "obs_loss", None))
+                          ctxt_drop_prob=cfg.ctxt_drop_prob, obs_loss=getattr(problem, "obs_loss", None),
+                          novel_weight=cfg.novel_weight)
+
+
+def learning_rate(cfg, step):
+    """The learning rate of a step: linear warm-up over cfg.warmup steps, times the cosine decay to 0 at
+    cfg.steps with --lr-schedule cosine."""
+    warmup = min(1.0, (step + 1) / max(1, cfg.warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)) if cfg.lr_schedule == "cosine" else 1.0
+    return cfg.lr * warmup * decay
 
 
 def training_batch(problem, cfg, views, generator, batch_size, device):
@@ -167,6 +177,9 @@ def check_resume(cfg, saved, step):
                              f"not {new!r}); start a new run in another --out-dir instead")
     if step > cfg.steps:
         raise ValueError(f"the checkpoint is at step {step}, past --steps {cfg.steps}; pass --steps > {step}")
+    if cfg.lr_schedule == "cosine" and cfg.steps != saved.steps:
+        raise ValueError(f"--steps cannot change on resume with --lr-schedule cosine, whose decay ends at the "
+                         f"checkpoint's --steps {saved.steps}; start a new run in another --out-dir instead")
 
 
 def train(cfg, resume=None, progress=True, overwrite=False):
@@ -247,7 +260,7 @@ def train(cfg, resume=None, progress=True, overwrite=False):
             batch = (dfm.map_batch(lambda v: v.to(device), next(batches)) if batches is not None else  # made ahead
                      training_batch(problem, cfg, views, generator, cfg.batch_size // world, device))
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+                group["lr"] = learning_rate(cfg, step)
             with autocast:
                 loss = ddp_model(batch)
             stop = torch.tensor([float(not torch.isfinite(loss)), float(bool(interrupted))], device=device)

@@ -50,6 +50,7 @@ def step_of(path):
     ("--lr", 0, "a number > 0"), ("--lr", "nan", "a number > 0"), ("--warmup", -1, "an integer >= 0"),
     ("--ema-decay", 2, r"in \[0, 1\)"), ("--ema-decay", 1, r"in \[0, 1\)"), ("--grad-clip", 0, "a number > 0"),
     ("--timesteps", 0, "an integer >= 1"), ("--ctxt-drop-prob", 1, r"in \[0, 1\)"),
+    ("--novel-weight", -1, "a number >= 0"), ("--lr-schedule", "step", "constant or cosine"),
     ("--precision", "fp16", "fp32, bf16 or auto"), ("--ckpt-every", 0, "an integer >= 1"),
     ("--eval-every", -1, "an integer >= 0"), ("--seed", -1, r"in \[0, 2\^30\)"),
     ("--seed", 2 ** 30, r"in \[0, 2\^30\)"), ("--device", "tpu", "cpu, cuda or cuda:N"),

@@ -213,6 +213,29 @@ def test_calling_the_model_on_a_batch_is_its_training_loss(kind):
     assert torch.equal(without_novel, called) == (kind == "oracle")  # the oracle has no novel view to explain
 
 
+@pytest.mark.parametrize("kind", ["dfm", "deterministic"])
+def test_the_novel_weight_scales_the_novel_views_term_and_nothing_else(kind):
+    b = batch_with_a_novel_view()
+    losses = {}
+    for weight in (0.0, 0.25, 1.0):
+        torch.manual_seed(0)  # the same initial weights
+        model = dfm.make_model(kind, TinyDenoiser(), read, timesteps=100, novel_weight=weight)
+        torch.manual_seed(3)  # the same t and noise
+        losses[weight] = model(b).item()
+    torch.manual_seed(0)
+    model = dfm.make_model(kind, TinyDenoiser(), read, timesteps=100)
+    torch.manual_seed(3)
+    target_only = model({k: v for k, v in b.items() if not k.startswith("novel")}).item()
+    novel = losses[1.0] - losses[0.0]
+    assert losses[0.0] == pytest.approx(target_only) and novel > 0
+    assert losses[0.25] == pytest.approx(losses[0.0] + 0.25 * novel)
+
+
+def test_a_negative_novel_weight_is_refused():
+    with pytest.raises(ValueError, match="novel_weight must be >= 0"):
+        dfm.DFM(TinyDenoiser(), read, timesteps=100, novel_weight=-1)
+
+
 def test_the_deterministic_model_trains_on_the_prediction_it_samples():
     det = dfm.make_model("deterministic", TinyDenoiser(), read, timesteps=100)
     ctxt_obs, ctxt_params, trgt_obs, trgt_params = tiny_batch()

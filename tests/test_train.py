@@ -33,6 +33,38 @@ def test_resume_continues_exactly(tmp_path):
     assert ckpt["step"] == 6 and ckpt["config"]["problem"] == "gp1d" and ckpt["optimizer"]["state"]
 
 
+def test_the_cosine_schedule_decays_to_zero_at_the_last_step_after_the_warm_up():
+    cfg = config.make_config("gp1d", steps=1000, lr=1e-3, warmup=100, lr_schedule="cosine")
+    lr = [train.learning_rate(cfg, step) for step in range(cfg.steps)]
+    assert lr[0] == pytest.approx(1e-5, rel=0.01)  # warm-up: a hundredth of --lr at the first step
+    assert lr[500] == pytest.approx(0.5e-3) and lr[-1] < 1e-8 and max(lr) < 1e-3
+    assert all(a > b for a, b in zip(lr[100:], lr[101:]))  # falls at every step after the warm-up
+    constant = config.make_config("gp1d", steps=1000, lr=1e-3, warmup=100)
+    assert [train.learning_rate(constant, step) for step in (99, 500, 999)] == [1e-3] * 3
+
+
+def test_a_cosine_run_resumes_exactly_but_not_to_another_length(tmp_path, monkeypatch):
+    def cosine_config(out_dir, steps=6):
+        return config.make_config("gp1d", steps=steps, batch_size=16, eval_every=0, ckpt_every=3, warmup=2,
+                                  lr_schedule="cosine", out_dir=str(out_dir))
+    save = train.save_checkpoint
+
+    def save_and_keep_step_3(path, ckpt):  # keeps a copy of the straight run's checkpoint at step 3
+        save(path, ckpt)
+        if ckpt["step"] == 3:
+            os.makedirs(tmp_path / "halves")
+            shutil.copy(path, tmp_path / "halves" / "ckpt.pt")
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep_step_3)
+    train.train(cosine_config(tmp_path / "straight"), progress=False)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.train(cosine_config(tmp_path / "halves"), resume=str(tmp_path / "halves" / "ckpt.pt"), progress=False)
+    a, b = weights(tmp_path / "straight" / "ckpt.pt"), weights(tmp_path / "halves" / "ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="--steps cannot change on resume with --lr-schedule cosine"):
+        train.train(cosine_config(tmp_path / "halves", steps=9), resume=str(tmp_path / "halves" / "ckpt.pt"),
+                    progress=False)
+
+
 def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     train.save_checkpoint(path, {"step": 1})
