@@ -36,7 +36,7 @@ SHARED, LEFT, RIGHT = [0, 1], [2, 3, 4], [5, 6, 7]  # which latents act where
 MODE, SPREAD = 1.0, 0.25  # prior of every latent: +-MODE + N(0, SPREAD^2)
 SIGNAL_SHAPE = (D,)
 
-TRAIN_DEFAULTS = dict(steps=6000, batch_size=64, lr=1e-3)
+TRAIN_DEFAULTS = dict(steps=6000, batch_size=64, lr=1e-3, lr_schedule="cosine")
 
 
 def make_bases():
