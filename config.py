@@ -33,7 +33,7 @@ class Config:
     ema_decay: float = 0.995  # EMA of the weights, used for sampling
     timesteps: int = 1000  # diffusion steps T
     ctxt_drop_prob: float = 0.0  # probability of hiding the context, for classifier-free guidance
-    novel_weight: float = 1.0  # weight of DFM's novel-view loss term
+    novel_weight: float = 1.0  # weight of the novel-view loss term (DFM and the deterministic model)
     contexts: int = 0  # context views per example drawn from 1..contexts each step (0 = the problem's own rule)
     signals: int = 0  # train on a fixed data set of this many signals (0 = a new signal for every example)
     views: int = 0  # observations of each signal in that data set (0 with signals = 0)
