@@ -137,9 +137,9 @@ class DFM(nn.Module):
         S_hat = self.denoiser(ctxt_obs, ctxt_params, x_t, trgt_params, t)  # predict the signal
         O_hat, extras = self.render(S_hat, trgt_params, trgt_obs, pixels)  # O_hat = forward_model(S_hat)
         loss = self.obs_loss(O_hat, select_pixels(trgt_obs, pixels))  # loss = |O_hat - O_trgt|^2
-        if novel_obs is not None and self.novel_weight > 0:  # + novel_weight x the same on a novel view:
-            O_novel, _ = self.render(S_hat, novel_params, novel_obs, novel_pixels)  # S_hat must also explain a
-            loss = loss + self.novel_weight * self.obs_loss(O_novel, select_pixels(novel_obs, novel_pixels))  # view
+        if novel_obs is not None and self.novel_weight > 0:  # S_hat must also explain a view it was not given:
+            O_novel, _ = self.render(S_hat, novel_params, novel_obs, novel_pixels)
+            loss = loss + self.novel_weight * self.obs_loss(O_novel, select_pixels(novel_obs, novel_pixels))
         if hasattr(self.denoiser, "aux_loss"):  # hook: the denoiser's own terms
             loss = loss + self.denoiser.aux_loss(S_hat, trgt_obs, trgt_params, pixels, extras)
         return loss
