@@ -218,7 +218,7 @@ HELP = {
     "novel_weight": "weight of the novel-view term of the DFM and deterministic losses, >= 0 (0 = the target "
                     "view only); any weight > 0 leaves the optimum where it was",
     "contexts": "the most context views per example: each step draws how many from 1..N (gp1d, flatland); "
-                "0 = the problem's own rule (gp1d 1..4, the others 1)",
+                "0 = the problem's own rule (gp1d 1..4, flatland 1..3, the others 1)",
     "signals": "train on a fixed data set of this many signals drawn once from the prior (gp1d, flatland); "
                "0 = a new signal for every example",
     "views": "observations of each signal in that data set, >= 2 with --signals (flatland: the context "

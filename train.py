@@ -82,8 +82,8 @@ def training_batch(problem, cfg, views, generator, batch_size, device):
     new signals from the prior, with 1..cfg.contexts context views if that is set."""
     if views is not None:
         return problem.finite_batch(views, batch_size, generator, device)
-    if cfg.contexts:
-        n_ctxt = int(torch.randint(1, cfg.contexts + 1, (), generator=generator))
+    if cfg.contexts:  # a draw only where there is a choice: --contexts 1 leaves the generator where it was
+        n_ctxt = int(torch.randint(1, cfg.contexts + 1, (), generator=generator)) if cfg.contexts > 1 else 1
         return problem.sample_batch(batch_size, generator, device, n_ctxt=n_ctxt)
     return problem.sample_batch(batch_size, generator, device)
 

@@ -149,7 +149,7 @@ def test_every_non_overlapping_configuration_is_equally_likely():
 
 
 def test_exact_posterior_samples_reproduce_the_context_view_exactly():
-    batch = flatland.sample_batch(12, torch.Generator().manual_seed(1))
+    batch = flatland.sample_batch(12, torch.Generator().manual_seed(1), n_ctxt=1)
     params = {k: v[:, 0] for k, v in batch["ctxt_params"].items()}
     for b in range(12):
         samples = flatland_world.posterior_discs(batch["ctxt_obs"][b], {k: v[b:b + 1] for k, v in params.items()},
@@ -269,8 +269,20 @@ def test_sampling_given_a_colour_set_reaches_exactly_the_counted_scenes():
 # The learned problem
 
 
+def test_training_examples_have_one_to_three_context_views_the_first_from_the_context_camera():
+    counts = Counter()
+    for seed in range(60):
+        batch = flatland.sample_batch(2, torch.Generator().manual_seed(seed))
+        n_ctxt = batch["ctxt_obs"].shape[1]
+        counts[n_ctxt] += 1
+        first = batch["ctxt_params"]["c2w"][:, 0, :2, 2]  # (B, 2) the first context camera's position
+        assert torch.allclose(torch.atan2(first[:, 1], first[:, 0]),
+                              torch.full((2,), flatland_world.CONTEXT_ANGLE), atol=1e-5)
+    assert set(counts) == {1, 2, 3} and min(counts.values()) >= 10  # each count about a third of the time
+
+
 def test_volume_rendered_raster_matches_the_exact_view():
-    batch = flatland.sample_batch(32, torch.Generator().manual_seed(2))
+    batch = flatland.sample_batch(32, torch.Generator().manual_seed(2), n_ctxt=1)
     obs = flatland.forward(batch["signal"], batch["trgt_params"])
     assert obs.shape == batch["trgt_obs"].shape == (32, 3, flatland_world.WORLD.n_pixels)
     assert (obs - batch["trgt_obs"]).abs().mean() < 0.05  # only pixels at disc edges differ
@@ -317,6 +329,35 @@ def test_every_model_trains_and_samples_fields(kind):
     two = {k: ({kk: vv[:2] for kk, vv in v.items()} if isinstance(v, dict) else v[:2]) for k, v in batch.items()}
     signals = dfm.sample_signals(model, two, 3, 0, steps=2)
     assert signals.shape == (2, 3, *flatland.SIGNAL_SHAPE) and signals.abs().max() <= 1
+
+
+def test_views_in_turn_sample_the_target_then_views_around_the_ring_each_added_to_the_context(monkeypatch):
+    model = dfm.make_model("dfm", flatland.make_denoiser("dfm"), flatland.forward)
+    batch = flatland.held_out_batch(2)
+    seen, original = [], model.sample
+
+    def sample(ctxt_obs, ctxt_params, trgt_params, **kwargs):  # records what each view in turn is conditioned on
+        seen.append((ctxt_obs.shape[1], trgt_params["c2w"][:, :2, 2]))
+        return original(ctxt_obs, ctxt_params, trgt_params, **kwargs)
+
+    monkeypatch.setattr(model, "sample", sample)
+    signals = flatland.draw_samples(model, batch, 3, torch.Generator().manual_seed(0), steps=2, views_in_turn=3)
+    assert signals.shape == (2, 3, *flatland.SIGNAL_SHAPE)
+    assert [n_ctxt for n_ctxt, _ in seen] == [1, 2, 3, 4]  # each sampled view joins the context of the next
+    assert torch.equal(seen[0][1], batch["trgt_params"]["c2w"].repeat_interleave(3, 0)[:, :2, 2])  # the target first
+    angles = torch.stack([torch.atan2(pos[:, 1], pos[:, 0]) for _, pos in seen[1:]])  # (3, B * n)
+    offsets = torch.remainder(angles - flatland_world.CONTEXT_ANGLE, 2 * math.pi)
+    assert torch.allclose(offsets, torch.tensor([0.5, 1.0, 1.5])[:, None] * math.pi, atol=1e-5)  # around the ring
+
+
+def test_views_in_turn_change_dfms_samples_and_neither_the_oracles_nor_the_deterministic_models():
+    torch.manual_seed(0)
+    batch = flatland.held_out_batch(2)
+    for kind in ("dfm", "oracle", "deterministic"):
+        model = dfm.make_model(kind, flatland.make_denoiser(kind), flatland.forward)
+        draw = lambda k: flatland.draw_samples(model, batch, 2, torch.Generator().manual_seed(0), 2, views_in_turn=k)
+        assert torch.equal(draw(2), draw(2))  # the same seed, the same scenes
+        assert torch.equal(draw(0), draw(2)) == (kind != "dfm")  # the others: the scene at once
 
 
 def test_an_untrained_model_scores_far_above_the_floor_and_pictures_are_written(tmp_path):

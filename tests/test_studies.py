@@ -1,5 +1,6 @@
 """The machinery of the four studies (experiments/study.py): fixed finite data sets, forward models that are off,
 several context views, guided scoring; and experiments/study.py itself at a tiny size."""
+import argparse
 import json
 import math
 
@@ -174,7 +175,7 @@ def test_study_options_that_cannot_work_are_refused_with_a_message(options, mess
 
 
 def test_flatland_batches_with_several_context_views_share_the_scene_and_first_view_and_the_posterior_sees_all():
-    one = flatland.sample_batch(6, torch.Generator().manual_seed(2))
+    one = flatland.sample_batch(6, torch.Generator().manual_seed(2), n_ctxt=1)
     three = flatland.sample_batch(6, torch.Generator().manual_seed(2), n_ctxt=3)
     assert three["ctxt_obs"].shape == (6, 3, 3, flatland_world.WORLD.n_pixels)
     for key in ("signal", "trgt_obs", "novel_obs"):
@@ -215,6 +216,21 @@ def test_flatland_evaluate_passes_guidance_and_temperature_to_the_sampler():
     assert plain == flatland.evaluate(model, n_contexts=2, n_samples=3, steps=2, guidance=1.0, temperature=1.0)
     assert plain != flatland.evaluate(model, n_contexts=2, n_samples=3, steps=2, guidance=3.0)
     assert plain != flatland.evaluate(model, n_contexts=2, n_samples=3, steps=2, temperature=0.5)
+
+
+def test_the_studies_see_flatland_through_one_context_view(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(train, "train_or_resume", lambda cfg, progress: (trained.append(cfg) or train.build_model(cfg),
+                                                                         0.0))
+    args = argparse.Namespace(small=True, steps=1, out=str(tmp_path), seed=0, no_progress=True, tiny=True)
+    for overrides in ({}, {"signals": 64, "views": 2}, {"contexts": 3}, {"ctxt_drop_prob": 0.1}):
+        study.train_run(args, "flatland", **overrides)
+    assert [cfg.contexts for cfg in trained] == [1, 0, 3, 1]  # one view, unless the study varies the views
+    assert study.train_run(args, "gp1d") and trained[-1].contexts == 0  # gp1d keeps its own rule
+    seen = {}
+    monkeypatch.setattr(flatland, "evaluate", lambda model, **kwargs: seen.update(kwargs) or {})
+    study.score(args, "flatland", None, n_ctxt=2)
+    assert seen["views_in_turn"] == 0 and seen["n_ctxt"] == 2  # the scene read off the target view alone
 
 
 def test_each_study_trains_scores_and_writes_its_table_plot_and_numbers(tmp_path, monkeypatch, capsys):

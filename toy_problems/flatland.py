@@ -32,6 +32,8 @@ from toy_problems.flatland_world import exact_posterior  # noqa: F401  (part of 
 SIGMA_MAX = 40.0  # density of a fully occupied cell, per unit length
 N_SAMPLES = 64  # samples per ray of the volume renderer
 N_PROBES = 8  # a ring of probe cameras for scoring
+VIEWS_IN_TURN = 3  # views a model samples one after another after the target view (draw_samples)
+MAX_CONTEXTS = 3  # a training example has 1..MAX_CONTEXTS context views (sample_batch)
 SIGNAL_SHAPE = (4, GRID, GRID)
 
 TRAIN_DEFAULTS = dict(steps=2000, batch_size=32, lr=1e-3)
@@ -70,12 +72,15 @@ def context_angles(batch_size, n_ctxt, generator):
                       torch.rand(batch_size, n_ctxt - 1, generator=generator) * 2 * math.pi], dim=1)
 
 
-def sample_batch(batch_size, generator, device="cpu", n_ctxt=1):
+def sample_batch(batch_size, generator, device="cpu", n_ctxt=None):
     """Scenes from the prior, seen from the context camera and from two random cameras (target, novel).
 
     n_ctxt > 1 adds context views from random cameras (drawn after everything else, so the
-    scenes, targets and first context view are the same for every n_ctxt).
+    scenes, targets and first context view are the same for every n_ctxt). Unless given, Nc is
+    drawn from 1..MAX_CONTEXTS: the contexts that sampling views in turn conditions on (draw_samples).
     """
+    if n_ctxt is None:
+        n_ctxt = int(torch.randint(1, MAX_CONTEXTS + 1, (), generator=generator))
     discs = sample_discs(batch_size, generator)  # (B, M, 6)
     angles = torch.rand(batch_size, 2, generator=generator) * 2 * math.pi  # target, novel
     ctxt_params = cameras(context_angles(batch_size, n_ctxt, generator))  # (B, Nc, ...)
@@ -254,11 +259,29 @@ def psnr(a, b):
     return 10 * math.log10(4 / max(((a - b) ** 2).mean().item(), 1e-10))
 
 
-def draw_samples(model, batch, n_samples, generator, steps, **sample_kwargs):
+def draw_samples(model, batch, n_samples, generator, steps, views_in_turn=VIEWS_IN_TURN, **sample_kwargs):
     """n_samples fields per context of the batch: (B, n, 4, G, G). sample_kwargs go to model.sample
-    (guidance, temperature, sampler, eta)."""
+    (guidance, temperature, sampler, eta).
+
+    DFM samples the target view, then views_in_turn more views from cameras evenly spaced around
+    the ring, each one added to the context (DFM.sample_autoregressive); the scene is the one
+    behind the last view. One view leaves the far side of a scene loosely constrained, so a single
+    sampled view commits to less than a whole scene; each view in turn narrows the scene down to
+    one that all the views agree on. The oracle samples the scene itself, at once, and the
+    deterministic model makes its one prediction from the context (fed its own predictions as
+    views, it only compounds their blur)."""
     model.eval()
-    return dfm.sample_signals(model, batch, n_samples, generator, steps, **sample_kwargs)  # (B, n, 4, G, G)
+    if model.kind != "dfm" or views_in_turn == 0:
+        return dfm.sample_signals(model, batch, n_samples, generator, steps, **sample_kwargs)  # (B, n, 4, G, G)
+    B = batch["ctxt_obs"].shape[0]
+    ctxt_obs, ctxt_params, trgt_params = (dfm.repeat_batch(batch[k], n_samples)
+                                          for k in ("ctxt_obs", "ctxt_params", "trgt_params"))
+    ring = cameras(CONTEXT_ANGLE + torch.arange(1, views_in_turn + 1) * 2 * math.pi / (views_in_turn + 1))  # (K, ...)
+    turns = [{k: v[i].to(ctxt_obs.device).expand(B * n_samples, *v.shape[1:]) for k, v in ring.items()}
+             for i in range(views_in_turn)]  # K camera params, each (B * n, ...)
+    signal, _ = model.sample_autoregressive(ctxt_obs, ctxt_params, [trgt_params] + turns, steps=steps,
+                                            generator=generator, **sample_kwargs)
+    return signal.view(B, n_samples, *signal.shape[1:])  # (B, n, 4, G, G)
 
 
 def spread(views):
@@ -268,7 +291,8 @@ def spread(views):
     return torch.cdist(x, x).mean().item() * x.shape[1] / (x.shape[1] - 1)  # pairs of distinct samples only
 
 
-def evaluate(model, seed=0, n_contexts=16, n_samples=32, steps=50, n_ctxt=1, **sample_kwargs):
+def evaluate(model, seed=0, n_contexts=16, n_samples=32, steps=50, n_ctxt=1, views_in_turn=VIEWS_IN_TURN,
+             **sample_kwargs):
     """Scores against the exact posterior (lower is better), each with its floor, and pixel scores.
 
     views:    energy distance between the renders of model and exact samples from a ring of
@@ -280,12 +304,13 @@ def evaluate(model, seed=0, n_contexts=16, n_samples=32, steps=50, n_ctxt=1, **s
               mean, i.e. the deterministic model, is expected to win it). psnr_exact: exact samples.
     spread:   how different a context's samples are from each other (spread_exact: the posterior's).
     n_ctxt:   context views per held-out scene (the first from the context camera, the others random).
+    views_in_turn: views sampled after the target view before the scene is read off (draw_samples).
     sample_kwargs go to model.sample (guidance, temperature, sampler, eta).
     """
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device, n_ctxt)
     samples = draw_samples(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps,
-                           **sample_kwargs)
+                           views_in_turn, **sample_kwargs)
     cpu = torch.Generator().manual_seed(seed)
     exact_a = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
     exact_b = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, cpu)
