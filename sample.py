@@ -3,6 +3,7 @@
     python sample.py out/flatland-dfm/ckpt.pt
     python sample.py out/gp1d-dfm/ckpt.pt --n-samples 128 --steps 100 --seed 1
     python sample.py out/flatland-dfm/ckpt.pt --sampler ddpm --temperature 0.85
+    python sample.py out/flatland-dfm/ckpt.pt --views-in-turn 0   # the scene read off the target view alone
     python sample.py out/scenes3d-dfm/ckpt.pt --compare out/scenes3d-deterministic/ckpt.pt
     python sample.py out/scenes3d-dfm/ckpt.pt --image my.png --fov 60   # scenes from your own image: an orbit GIF
 
@@ -71,7 +72,11 @@ def check(args, cfg):
              ("eta", args.eta is None or args.eta >= 0, "a number >= 0"),
              ("temperature", args.temperature is None or args.temperature > 0, "a number > 0"),
              ("guidance", args.guidance in (None, 1) or cfg.ctxt_drop_prob > 0,
-              "1 for this checkpoint: guidance needs a model trained with --ctxt-drop-prob > 0")]
+              "1 for this checkpoint: guidance needs a model trained with --ctxt-drop-prob > 0"),
+             ("views_in_turn", args.views_in_turn is None or (
+                 args.views_in_turn >= 0 and "views_in_turn" in inspect.signature(
+                     toy_problems.load(cfg.problem).evaluate).parameters),
+              "an integer >= 0, for a flatland checkpoint")]
     for name, ok, allowed in rules:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(args, name)}")
@@ -174,6 +179,9 @@ def main():
     parser.add_argument("--temperature", type=float, help="scales the initial noise, > 0 (default: 1)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale on the x0 estimate, "
                         "1 = off; needs a model trained with --ctxt-drop-prob > 0 (default: 1)")
+    parser.add_argument("--views-in-turn", type=int, help="flatland: views DFM samples one after another after the "
+                        "target view, each added to the context, before the scene is read off; 0 = the target view "
+                        "alone (default: 3)")
     parser.add_argument("--figure", help="where to save the figure, an image file such as x.png or x.pdf (.png "
                         "if it has no extension); problems with cameras also write an orbit GIF per context shown "
                         "beside it (x-N.gif) (default: samples.png beside a run's ckpt.pt, out/samples/NAME.png "
@@ -230,14 +238,17 @@ def run(args):
     defaults = inspect.signature(problem.evaluate).parameters
     n_contexts, n_samples, steps = (getattr(args, k) or defaults[k].default
                                     for k in ("n_contexts", "n_samples", "steps"))
-    scores = problem.evaluate(model, seed=args.seed, n_contexts=n_contexts, n_samples=n_samples, steps=steps)
+    in_turn = {"views_in_turn": args.views_in_turn} if args.views_in_turn is not None else {}  # flatland's
+    scores = problem.evaluate(model, seed=args.seed, n_contexts=n_contexts, n_samples=n_samples, steps=steps,
+                              **in_turn)
     extras = "".join(f", {k} {options[k]}" for k in ("eta", "temperature", "guidance") if k in options)
+    extras += f", {args.views_in_turn} views in turn" if in_turn else ""
     print(f"{cfg.problem} / {cfg.model}, {n_contexts} held-out contexts x {n_samples} samples, "
           f"{args.sampler or 'ddim'} with {steps} steps{extras}:")
     for name, value in scores.items():
         print(f"  {name:>24s}  {value:.4f}")
     shown = min(n_contexts, inspect.signature(problem.plot).parameters["n_contexts"].default)  # the first few
-    extra = {"compare": compare} if compare is not None else {}  # the 3D problem draws the comparison model beside
+    extra = {"compare": compare} if compare is not None else in_turn  # the 3D problem draws the comparison beside
     problem.plot(model, args.figure, seed=args.seed, n_contexts=shown, **extra)
     for i in range(shown if hasattr(problem, "animate") else 0):  # a problem with cameras: an orbit per context
         gif = os.path.splitext(args.figure)[0] + f"-{i}.gif"

@@ -232,6 +232,7 @@ def test_files_that_are_not_checkpoints_get_one_line_and_no_unsafe_advice(cli, t
     (["--guidance", 2], "--guidance must be 1 for this checkpoint: guidance needs a model trained with "
                         "--ctxt-drop-prob > 0"),
     (["--seed", -1], "--seed must be in [0, 2^30)"),
+    (["--views-in-turn", 2], "--views-in-turn must be an integer >= 0, for a flatland checkpoint"),
     (["--figure", "no/such/folder/x.png"], "--figure 'no/such/folder/x.png': the folder 'no/such/folder' does not"),
     (["--figure", "x.txt"], "--figure 'x.txt' must end in an image format matplotlib writes: "),
 ])
@@ -273,6 +274,21 @@ def test_sample_uses_the_problems_settings_and_passes_the_sampler_options(cli, m
     assert "sampling" in err  # the progress bar
     assert "2 held-out contexts x 2 samples, ddpm with 2 steps, temperature 0.5" in out
     assert (tmp_path / "b.png").exists()
+
+
+def test_views_in_turn_reach_flatlands_scores_and_pictures(cli, monkeypatch, tmp_path):
+    from toy_problems import flatland
+    code, _, err = cli(train, "--steps", 1, "--batch-size", 2, "--out-dir", tmp_path / "run", "--no-progress")
+    assert code == 0, err
+    seen = []
+    real = flatland.draw_samples
+    monkeypatch.setattr(flatland, "draw_samples", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    code, out, err = cli(sample, tmp_path / "run" / "ckpt.pt", "--n-contexts", 1, "--n-samples", 2, "--steps", 1,
+                         "--views-in-turn", 1, "--figure", tmp_path / "f.png")
+    assert code == 0, err
+    assert seen and set(seen) == {1} and "1 views in turn" in out  # the scores, the figure and the orbit
+    code, _, err = cli(sample, tmp_path / "run" / "ckpt.pt", "--views-in-turn", -1)
+    assert code == 2 and "--views-in-turn must be an integer >= 0" in err
 
 
 def test_the_quick_start_trains_then_samples(tmp_path):

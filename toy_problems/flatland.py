@@ -342,12 +342,13 @@ def strip(views):
     return ((views.clamp(-1, 1) + 1) / 2).permute(0, 2, 1).cpu().numpy()
 
 
-def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50):
+def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50, views_in_turn=VIEWS_IN_TURN):
     """For each context: the true scene, exact posterior samples and model samples, seen from above,
     each with its views from the ring of probe cameras as strips underneath (first row: the context camera)."""
     device = next(model.parameters()).device
     batch = held_out_batch(n_contexts, seed, device)
-    samples = draw_samples(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps)
+    samples = draw_samples(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps,
+                           views_in_turn)
     exact = exact_posterior(batch["ctxt_obs"], batch["ctxt_params"], n_samples, torch.Generator().manual_seed(seed))
     cols = 1 + 2 * n_samples
     fig, axes = plt.subplots(2 * n_contexts, cols, figsize=(1.5 * cols, 2.3 * n_contexts),
@@ -369,14 +370,15 @@ def plot(model, path, seed=0, n_contexts=3, n_samples=4, steps=50):
     toy_problems.save_figure(fig, path)
 
 
-def animate(model, path, seed=0, index=0, n_frames=36, steps=50):
+def animate(model, path, seed=0, index=0, n_frames=36, steps=50, views_in_turn=VIEWS_IN_TURN):
     """A GIF of a camera going around one sampled scene (for held-out context `index`): the scene from
     above and the camera's 1D view."""
     from matplotlib.animation import FuncAnimation
     device = next(model.parameters()).device
     batch = held_out_batch(index + 1, seed, device)
     batch = dfm.map_batch(lambda v: v[index:], batch)
-    signal = draw_samples(model, batch, 1, torch.Generator(device=device).manual_seed(seed), steps)[0]  # (1, 4, G, G)
+    signal = draw_samples(model, batch, 1, torch.Generator(device=device).manual_seed(seed), steps,
+                          views_in_turn)[0]  # (1, 4, G, G)
     angles = CONTEXT_ANGLE + torch.arange(n_frames) * 2 * math.pi / n_frames
     params = {k: v.to(device) for k, v in cameras(angles).items()}
     views = forward(signal.expand(n_frames, -1, -1, -1), params)  # (F, 3, W)
