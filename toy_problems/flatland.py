@@ -32,7 +32,7 @@ from toy_problems.flatland_world import exact_posterior  # noqa: F401  (part of 
 SIGMA_MAX = 40.0  # density of a fully occupied cell, per unit length
 N_SAMPLES = 64  # samples per ray of the volume renderer
 N_PROBES = 8  # a ring of probe cameras for scoring
-VIEWS_IN_TURN = 3  # views a model samples one after another after the target view (draw_samples)
+VIEWS_IN_TURN = 3  # views DFM samples one after another after the target view (draw_samples)
 MAX_CONTEXTS = 3  # a training example has 1..MAX_CONTEXTS context views (sample_batch)
 SIGNAL_SHAPE = (4, GRID, GRID)
 
