@@ -3,7 +3,6 @@ refusing to score it on scenes it may have trained on.
 
     python sample.py out/scenes3d-dfm/ckpt.pt --meshes out/meshes-test   # built with meshes.py --split test
 """
-import math
 import os
 import shlex
 
@@ -122,7 +121,6 @@ def hidden_scores(model, data, trained_on, n_scenes=8, n_samples=16, steps=50, s
     identity = {"c2w": torch.eye(4, device=device).expand(B * n, 4, 4), "K": ctxt_K.repeat_interleave(n, 0)}
     context = scenes3d.forward(signal, identity)  # (B * n, 3, S, S)
     context_true = batch["ctxt_obs"][:, 0].repeat_interleave(n, 0)
-    lpips_model, _ = metrics.load_lpips()
     near, n_far = [], len(world_lib.FAR_SIDE_DEG)
     for j in range(2):  # the near cameras, after the far ones
         params = {k: torch.stack([f[k][n_far + j] for f in far]).to(device) for k in ("c2w", "K")}  # (B, ...)
@@ -134,6 +132,5 @@ def hidden_scores(model, data, trained_on, n_scenes=8, n_samples=16, steps=50, s
             "consistent": (agree * both[:, None]).sum().item() / max(1, n * both.sum().item()),
             "psnr_context": metrics.psnr(context, context_true).mean().item(),
             "ssim_context": metrics.ssim(context, context_true).mean().item(),
-            "lpips_context": (metrics.lpips_distance(lpips_model.to(device), context, context_true).mean().item()
-                              if lpips_model is not None else math.nan),
+            "lpips_context": metrics.mean_lpips(context, context_true),
             "psnr_near": torch.cat(near).mean().item(), "scenes": B}

@@ -75,7 +75,6 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=
     batch = held_out_batch(n_contexts, seed, device)
     signal = dfm.sample_signals(model, batch, n_samples, torch.Generator(device=device).manual_seed(seed), steps,
                                 **sample_kwargs)  # aimed at each example's target camera: B * n fields
-    lpips_model, _ = metrics.load_lpips()
     scores = {}
     with torch.no_grad():
         context_params = dfm.map_batch(lambda v: v[:, 0], batch["ctxt_params"])
@@ -85,8 +84,7 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=4, steps=50, held_out_batch=
             truth = obs.repeat_interleave(n_samples, dim=0)
             scores[f"psnr_{view}"] = metrics.psnr(rendered, truth).mean().item()
             scores[f"ssim_{view}"] = metrics.ssim(rendered, truth).mean().item()
-            scores[f"lpips_{view}"] = (metrics.lpips_distance(lpips_model.to(device), rendered, truth).mean().item()
-                                       if lpips_model is not None else math.nan)
+            scores[f"lpips_{view}"] = metrics.mean_lpips(rendered, truth)
     return scores
 
 

