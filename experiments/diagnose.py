@@ -12,7 +12,9 @@ x0 estimate at x_t = sqrt(abar_t) O + sqrt(1 - abar_t) eps is
 exact as M grows (exact_x0); gp1d has it in closed form (gp1d.exact_denoiser). DFM's own sampler runs
 on it (ExactDenoiser), and three checks split a gap to the exact posterior into the sampler's part and the
 denoiser's:
-1. the sampler with the exact denoiser, at several DDIM step counts and DDPM: does it reach the floor?
+1. the sampler with the exact denoiser, at several DDIM step counts and DDPM: does it reach the floor? And the
+   model's own samples, DDIM 50 from the same contexts: the exact denoiser's distance minus the floor is the
+   sampler's part of the model's gap, the model's distance minus the exact denoiser's the denoiser's part;
 2. the model's x0 estimate against the exact one, at fixed t, on held-out contexts: the error, and whether
    it is shrunk towards the posterior mean (slope < 1) or just noisy (the residual);
 3. the spread of the x0 estimates of one context's samples along a DDIM run, the model's against the exact
@@ -160,6 +162,19 @@ def check_sampler(problem, batch, renders, signals, exact_a, n, seed, timesteps)
 
 
 @torch.no_grad()
+def check_own(model, problem, batch, renders, exact_a, n, seed):
+    """1, the model's row: its own samples (the sampler of the scores, DDIM 50) against the same exact set, from the
+    same initial noise as the exact denoiser's run where the model diffuses the same space (DFM)."""
+    B = renders.shape[0]
+    sampler, steps = IN_RANGE_SAMPLER
+    signals = dfm.sample_signals(model, batch, n, seed, steps, sampler=sampler)  # (B, n, *signal_shape)
+    seen = target_renders(problem, batch, signals)  # (B, n, *obs_shape)
+    d = dfm.energy_distance(seen.reshape(B, n, -1), exact_a[:, :n]).mean().item()
+    print(f"   {sampler} {steps:4d} steps, driven by the {model.kind} model's own denoiser: {d:.4f}")
+    return {f"{sampler} {steps}, the {model.kind} model's own denoiser": d}
+
+
+@torch.no_grad()
 def check_x0(model, problem, batch, renders, signals, seed):
     """2. The model's x0 estimate against the exact one at fixed t: RMSE, slope and residual about the mean."""
     generator = torch.Generator().manual_seed(seed)
@@ -299,6 +314,8 @@ def run(model, oracle, cfg, oracle_cfg, args):
                    machine=tables.machine(), steps={m.kind: c.steps for m, c in ((model, cfg), (oracle, oracle_cfg))
                                                     if m is not None},
                    floor=floor, floor_sd=floor_sd, samplers=samplers, x0={}, spread={})
+    for m in (model, oracle) if oracle else (model,):
+        samplers.update(check_own(m, problem, batch, renders, exact_a, args.n_samples, args.seed))
     for m in (model, oracle) if oracle else (model,):
         results["x0"][m.kind] = check_x0(m, problem, batch, renders, signals, args.seed)
         results["spread"][m.kind] = check_spread(m, problem, batch, renders, signals, args.n_samples, args.seed,

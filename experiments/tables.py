@@ -117,8 +117,10 @@ def diagnose_table(results):
               [f"{results['spread'][kinds[0]][t][c]:.4f}" for c in ("exact", "best_dfm")[:1 + best]]
               for t in every_tenth(list(results["spread"][kinds[0]]))]
     steps = ", ".join(f"{k} {n} steps" for k, n in results["steps"].items())
-    return "\n".join([made_by(results), "", f"Models: {steps}. 1. The sampler driven by the exact denoiser "
-                       "(energy distance to exact samples):", "", markdown_table(["sampler", "distance"], samplers), "",
+    return "\n".join([made_by(results), "", f"Models: {steps}. 1. The sampler driven by the exact denoiser, "
+                       "and each model's own samples where measured (energy distance to exact samples; the exact "
+                       "denoiser's distance above the floor is the sampler's part of a model's gap, the model's own "
+                       "above the exact denoiser's its denoiser's part):", "", markdown_table(["sampler", "distance"], samplers), "",
                        "2. x0 estimates against the exact ones, by t (slope < 1: shrunk towards the posterior mean; "
                        "residual: the error that is not shrinkage):", "",
                        markdown_table(["t"] + [c.replace("best_", "best DFM ") if c.startswith("best") else f"{k} {c}"

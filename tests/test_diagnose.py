@@ -97,6 +97,7 @@ def test_the_diagnostics_run_on_a_checkpoint_and_print_the_three_checks(problem,
     assert table.startswith("Made by `python -m experiments.diagnose ") and "| ddpm 250 |" in table
     assert "| t | dfm rmse | dfm slope | dfm residual | oracle rmse |" in table and "| 950 |" in table
     assert "| best DFM rmse | best DFM slope |" in table and "| ddim 50, best DFM denoiser |" in table
+    assert "| ddim 50, the dfm model's own denoiser |" in table and "| ddim 50, the oracle model's own denoiser |" in table
 
 
 def test_the_diagnostics_refuse_what_they_cannot_diagnose_in_one_line(tmp_path, monkeypatch, capsys):
