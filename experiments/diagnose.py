@@ -316,7 +316,6 @@ def run(model, oracle, cfg, oracle_cfg, args):
                    floor=floor, floor_sd=floor_sd, samplers=samplers, x0={}, spread={})
     for m in (model, oracle) if oracle else (model,):
         samplers.update(check_own(m, problem, batch, renders, exact_a, args.n_samples, args.seed))
-    for m in (model, oracle) if oracle else (model,):
         results["x0"][m.kind] = check_x0(m, problem, batch, renders, signals, args.seed)
         results["spread"][m.kind] = check_spread(m, problem, batch, renders, signals, args.n_samples, args.seed,
                                                  args.steps)

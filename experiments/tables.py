@@ -120,7 +120,8 @@ def diagnose_table(results):
     return "\n".join([made_by(results), "", f"Models: {steps}. 1. The sampler driven by the exact denoiser, "
                        "and each model's own samples where measured (energy distance to exact samples; the exact "
                        "denoiser's distance above the floor is the sampler's part of a model's gap, the model's own "
-                       "above the exact denoiser's its denoiser's part):", "", markdown_table(["sampler", "distance"], samplers), "",
+                       "above the exact denoiser's its denoiser's part):", "",
+                       markdown_table(["sampler", "distance"], samplers), "",
                        "2. x0 estimates against the exact ones, by t (slope < 1: shrunk towards the posterior mean; "
                        "residual: the error that is not shrinkage):", "",
                        markdown_table(["t"] + [c.replace("best_", "best DFM ") if c.startswith("best") else f"{k} {c}"
